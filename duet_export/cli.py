@@ -1,0 +1,177 @@
+"""The `duet-export` command line: a thin layer over the Python API of the same verbs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from duet_export.cli_options import budget_options, config_from_options
+from duet_export.errors import DuetError
+
+__all__ = ["cli", "main"]
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (progress bars, backend notices) out of our output."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
+def _load(model_dir: str, device: str = "cpu"):
+    from duet_export.loading import load
+
+    return load(model_dir, device=device)
+
+
+class _Group(click.Group):
+    """A click group that turns `DuetError` (bad input) into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DuetError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="duet-export")
+def cli() -> None:
+    """Compress vision-language models with DUET-VLM and compile them to ONNX with fixed token budgets."""
+    _quiet_libraries()
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default="duet-demo", show_default=True)
+@click.option(
+    "--budget", type=float, help="Average visual tokens per layer (default: N/3, the paper's 192 of 576)."
+)
+def demo(workdir: str, budget: float | None) -> None:
+    """Build a tiny LLaVA, compress it and answer a prompt, with and without DUET."""
+    from duet_export.demo import run_demo
+
+    run_demo(Path(workdir), budget=budget, echo=click.echo)
+
+
+@cli.command("compress")
+@click.argument("model_dir", type=click.Path())
+@budget_options
+@click.option("--image", type=click.Path(), help="Answer a prompt about this image with compression on.")
+@click.option("--prompt", help="The question (wrapped by the checkpoint's chat template).")
+@click.option(
+    "--raw", is_flag=True, help="Use --prompt as the full prompt text (it must hold the image placeholder)."
+)
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-config", type=click.Path(dir_okay=False), help="Write the resolved DuetConfig as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the resolved budget as JSON.")
+@click.option("--device", default="cpu", show_default=True)
+def compress_cmd(
+    model_dir,
+    image,
+    prompt,
+    raw,
+    max_new_tokens,
+    sample,
+    temperature,
+    top_p,
+    seed,
+    save_config,
+    as_json,
+    device,
+    **opts,
+) -> None:
+    """Resolve a budget for MODEL_DIR, report it, and optionally answer a prompt with compression on."""
+    from duet_export.atomic import atomic_file
+    from duet_export.compress import compress
+    from duet_export.generate import GenerationSettings, generate_answers
+    from duet_export.loading import load_image
+    from duet_export.stages.budget import report
+
+    if (image is None) != (prompt is None):
+        raise DuetError("give --image and --prompt together")
+    loaded = _load(model_dir, device)
+    config = config_from_options(loaded.adapter, **opts)
+    rep = report(config, loaded.adapter.geometry())
+    if save_config:
+        with atomic_file(save_config) as tmp:
+            tmp.write_text(json.dumps({"config": config.to_dict(), "report": rep.to_dict()}, indent=2))
+    click.echo(json.dumps(rep.to_dict(), indent=2) if as_json else rep.summary())
+    if image is not None:
+        img = load_image(image)
+        compress(loaded.model, config)
+        settings = GenerationSettings(max_new_tokens, sample, temperature, 0, top_p, seed)
+        answer = generate_answers(loaded, [img], [prompt], settings, raw=raw)[0]
+        click.echo(
+            f"prompt tokens: {answer.prompt_tokens}, new tokens: {len(answer.token_ids)}, {answer.seconds:.2f} s"
+        )
+        click.echo(answer.text)
+
+
+@cli.command("inspect")
+@click.argument("model_dir", type=click.Path())
+@click.option("--image", type=click.Path(), required=True)
+@click.option("--prompt", required=True, help="The question (wrapped by the checkpoint's chat template).")
+@click.option(
+    "--raw", is_flag=True, help="Use --prompt as the full prompt text (it must hold the image placeholder)."
+)
+@budget_options
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@click.option(
+    "--overlay", type=click.Path(dir_okay=False), help="Write a PNG with the kept patches per stage."
+)
+@click.option("--device", default="cpu", show_default=True)
+def inspect_cmd(model_dir, image, prompt, raw, as_json, overlay, device, **opts) -> None:
+    """Show which patches Stage 1 kept and which tokens each Stage-2 drop layer kept, for one image."""
+    from duet_export.inspection import inspect_prompt, model_view
+    from duet_export.loading import load_image
+    from duet_export.overlay import write_overlay
+
+    img = load_image(image)
+    loaded = _load(model_dir, device)
+    config = config_from_options(loaded.adapter, **opts)
+    info, pixels = inspect_prompt(loaded, img, prompt, config, raw=raw)
+    info["image"] = str(image)
+    if overlay:
+        write_overlay(overlay, model_view(loaded.processor, pixels), info)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    s1 = info["stage1"]
+    if s1:
+        click.echo(
+            f"Stage 1: CLS + {len(s1['dominant'])} dominant patches + {len(s1['contextual'])} contextual tokens"
+        )
+        click.echo(f"  dominant: {s1['dominant']}")
+        for c in s1["contextual"]:
+            click.echo(f"  anchor {c['anchor']}: members {c['members']}")
+    else:
+        click.echo(f"Stage 1: off ({info['num_patches']} patches)")
+    for d in info["stage2"]:
+        click.echo(f"before layer {d['layer']} (keep {d['keep_ratio']}): {len(d['kept'])} kept {d['kept']}")
+        if d["queries"]:
+            click.echo(f"  queries: {' '.join(d['queries'])}")
+    click.echo(
+        f"average visual tokens per layer: {info['average_tokens']:.2f} ({100 * info['reduction']:.1f} % fewer)"
+    )
+    if overlay:
+        click.echo(f"overlay written to {overlay}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="duet-export")
+
+
+if __name__ == "__main__":
+    main()

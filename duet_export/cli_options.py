@@ -1,0 +1,105 @@
+"""Options shared by every command that compresses: `--budget B` or the explicit knobs of both stages."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from duet_export.config import QUERY_MODES, DuetConfig
+from duet_export.errors import DuetError
+from duet_export.models.base import Adapter
+from duet_export.stages.budget import resolve_budget
+
+__all__ = ["budget_options", "config_from_options", "parse_list"]
+
+
+def parse_list(text: str | None, kind: type) -> tuple:
+    """'16,24' or '[16, 24]' -> (16, 24); a one-line error on anything else."""
+    if text is None:
+        return ()
+    body = text.strip().strip("[]()")
+    if not body:
+        return ()
+    try:
+        return tuple(kind(x) for x in body.replace(" ", "").split(",") if x != "")
+    except ValueError:
+        raise DuetError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}") from None
+
+
+def budget_options(func: Callable) -> Callable:
+    """Add --budget / --dominant / --contextual / --cluster-width / --drop-layers / --keep-ratios / --query / --config."""
+    options = [
+        click.option(
+            "--budget", type=float, help="Average visual tokens per decoder layer (resolved for this model)."
+        ),
+        click.option("--dominant", type=int, help="Stage 1: dominant tokens K_d (counts CLS)."),
+        click.option("--contextual", type=int, help="Stage 1: contextual tokens K_c."),
+        click.option(
+            "--cluster-width", type=int, default=4, show_default=True, help="Stage 1: cluster width w."
+        ),
+        click.option("--drop-layers", help="Stage 2: decoder layers to drop before, e.g. 16,24."),
+        click.option("--keep-ratios", help="Stage 2: kept fraction of V at each drop layer, e.g. 0.5,0.0."),
+        click.option(
+            "--query",
+            type=click.Choice(QUERY_MODES),
+            default="salient",
+            show_default=True,
+            help="Stage 2: which text tokens score the visual tokens.",
+        ),
+        click.option(
+            "--config", "config_file", type=click.Path(dir_okay=False), help="A DuetConfig JSON file."
+        ),
+    ]
+    return functools.reduce(lambda f, opt: opt(f), reversed(options), func)
+
+
+def config_from_options(
+    adapter: Adapter,
+    *,
+    budget: float | None,
+    dominant: int | None,
+    contextual: int | None,
+    cluster_width: int,
+    drop_layers: str | None,
+    keep_ratios: str | None,
+    query: str,
+    config_file: str | None,
+    default_budget: float | None = None,
+) -> DuetConfig:
+    """One validated DuetConfig from whichever form the user gave; a one-line error when they conflict."""
+    knobs = (
+        dominant is not None or contextual is not None or drop_layers is not None or keep_ratios is not None
+    )
+    given = sum([budget is not None, knobs, config_file is not None])
+    if given > 1:
+        raise DuetError(
+            "give --budget, the explicit knobs (--dominant ... --keep-ratios) or --config, not several"
+        )
+    geometry = adapter.geometry()
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DuetError(f"cannot read config {path}: {e.__class__.__name__}") from None
+        return DuetConfig.from_dict(data.get("config", data)).validate(geometry)
+    if knobs:
+        return DuetConfig(
+            dominant=dominant,
+            contextual=contextual or 0,
+            cluster_width=cluster_width,
+            drop_layers=parse_list(drop_layers, int),
+            keep_ratios=parse_list(keep_ratios, float),
+            query=query,
+        ).validate(geometry)
+    if budget is None:
+        budget = default_budget
+    if budget is None:
+        raise DuetError(
+            "give --budget B or the explicit knobs (--dominant, --contextual, --drop-layers, --keep-ratios)"
+        )
+    return resolve_budget(budget, geometry, rules=adapter.rules, cluster_width=cluster_width, query=query)

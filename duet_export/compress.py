@@ -1,0 +1,48 @@
+"""Turn DUET compression on and off for a loaded model instance.
+
+`compress(model, config)` installs a `DuetForward` as that instance's `forward` (nothing global is
+patched: other models in the process are untouched); `decompress(model)` removes it, restoring the stock
+forward. The model's weights are never modified.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from duet_export.config import DuetConfig
+from duet_export.errors import DuetError
+from duet_export.forward import DuetForward
+from duet_export.models import adapter_for
+from duet_export.stages.budget import resolve_budget
+
+__all__ = ["compress", "decompress", "duet_config_of", "is_compressed"]
+
+
+def compress(
+    model: nn.Module, config: DuetConfig | None = None, *, budget: float | None = None, query: str = "salient"
+) -> nn.Module:
+    """Compress `model` in place with `config`, or with the config resolved from `budget`; returns `model`."""
+    if (config is None) == (budget is None):
+        raise DuetError("give either a DuetConfig or a budget")
+    adapter = adapter_for(model)
+    if config is None:
+        config = resolve_budget(budget, adapter.geometry(), rules=adapter.rules, query=query)
+    decompress(model)
+    model.forward = DuetForward(model, adapter, config)
+    return model
+
+
+def decompress(model: nn.Module) -> nn.Module:
+    """Remove compression from `model` (a no-op if it was not compressed); returns `model`."""
+    if is_compressed(model):
+        del model.forward
+    return model
+
+
+def is_compressed(model: nn.Module) -> bool:
+    return isinstance(model.__dict__.get("forward"), DuetForward)
+
+
+def duet_config_of(model: nn.Module) -> DuetConfig | None:
+    fwd = model.__dict__.get("forward")
+    return fwd.config if isinstance(fwd, DuetForward) else None

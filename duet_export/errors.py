@@ -1,0 +1,16 @@
+"""User-facing errors.
+
+Every mistake a user can make (a bad budget, a missing file, a checkpoint of the wrong family) raises
+`DuetError` with a one-line message. The CLI prints that line and exits with code 2; the Python API lets it
+propagate. Anything else that escapes is a bug in duet-export.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DuetError"]
+
+
+class DuetError(ValueError):
+    """A problem with the user's input, reported as one line."""
+
+    exit_code = 2

@@ -1,0 +1,151 @@
+"""Build model inputs for compressed inference: chat template, image placeholders, salient-query mask.
+
+The checkpoint's own processor produces the pixels and token ids (so a real checkpoint gets exactly what
+it expects); this module then shrinks each image's placeholder run to Stage 1's output length and marks the
+tokens of the question's salient words, found through the tokenizer's character offsets.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from duet_export.config import DuetConfig
+from duet_export.errors import DuetError
+from duet_export.models.base import Adapter
+from duet_export.stages.salient import salient_spans, token_mask_from_spans
+
+__all__ = ["prepare_inputs", "render_prompt"]
+
+
+def _image_token(processor) -> str:
+    return getattr(processor, "image_token", None) or "<image>"
+
+
+def render_prompt(processor, prompt: str, num_images: int = 1, raw: bool = False) -> tuple[str, int | None]:
+    """The full prompt text and where the user's question starts in it (None if unknown).
+
+    With `raw=False` the checkpoint's chat template wraps the question and adds the image placeholder; with
+    `raw=True` (or a checkpoint without a template) `prompt` is used as written and must hold one placeholder
+    per image.
+    """
+    token = _image_token(processor)
+    template = getattr(processor, "chat_template", None)
+    if raw or not template:
+        count = prompt.count(token)
+        if count != num_images:
+            why = "" if raw else " (the checkpoint has no chat template: write the whole prompt)"
+            raise DuetError(f"the prompt holds {count} {token} placeholder(s) for {num_images} image(s){why}")
+        return prompt, 0
+    if token in prompt:
+        raise DuetError(
+            f"the prompt already holds {token}; the chat template adds it (use --raw for a full prompt)"
+        )
+    conversation = [
+        {"role": "user", "content": [*([{"type": "image"}] * num_images), {"type": "text", "text": prompt}]}
+    ]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    start = text.rfind(prompt)
+    return text, (start if start >= 0 else None)
+
+
+def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
+    """(start, length) of each run of `token` in `ids`."""
+    runs, i = [], 0
+    while i < len(ids):
+        if ids[i] == token:
+            j = i
+            while j < len(ids) and ids[j] == token:
+                j += 1
+            runs.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    return runs
+
+
+def _resize_runs(values: list, runs: list[tuple[int, int]], lengths: list[int], fill) -> list:
+    """Rewrite each run (start, length) of `values` to the given new length, filled with `fill`."""
+    out, cursor = [], 0
+    for (start, length), new in zip(runs, lengths, strict=True):
+        out.extend(values[cursor:start])
+        out.extend([fill] * new)
+        cursor = start + length
+    out.extend(values[cursor:])
+    return out
+
+
+def _query_mask(processor, text: str, question_start: int | None, prompt: str, ids: list[int], image_id: int):
+    """Salient-token mask aligned to `ids` (placeholders expanded), or None if the tokenizer disagrees."""
+    tok = processor.tokenizer(text, return_offsets_mapping=True)
+    spans = (
+        []
+        if question_start is None
+        else [(a + question_start, b + question_start) for a, b in salient_spans(prompt)]
+    )
+    mask = token_mask_from_spans(tok["offset_mapping"], spans)
+    runs = _runs(ids, image_id)
+    collapsed = _resize_runs(ids, runs, [1] * len(runs), image_id)
+    if collapsed != list(tok["input_ids"]):
+        return None
+    short_runs = _runs(list(tok["input_ids"]), image_id)
+    return _resize_runs(mask, short_runs, [length for _, length in runs], False)
+
+
+def prepare_inputs(
+    processor,
+    adapter: Adapter,
+    images: Sequence[Image.Image | Sequence[Image.Image]],
+    prompts: Sequence[str],
+    config: DuetConfig | None = None,
+    *,
+    raw: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Tensors for `model(**inputs)` / `model.generate(**inputs)`, left-padded, one entry per prompt.
+
+    With Stage 1 on, each image holds K_d + K_c placeholder tokens instead of N. `duet_query_mask` marks the
+    salient words of each question (Stage 2 adds the final prompt token itself).
+    """
+    if len(images) != len(prompts):
+        raise DuetError(f"{len(images)} images for {len(prompts)} prompts")
+    image_id = adapter.image_token_id
+    per_image = config.tokens_per_frame(adapter.num_patches) if config is not None and config.stage1 else None
+    rows, masks, pixels = [], [], []
+    aligned = True
+    for image, prompt in zip(images, prompts, strict=True):
+        group = [image] if isinstance(image, Image.Image) else list(image)
+        text, start = render_prompt(processor, prompt, num_images=len(group), raw=raw)
+        enc = processor(images=group, text=text, return_tensors="pt")
+        ids = enc["input_ids"][0].tolist()
+        pixels.append(enc["pixel_values"])
+        qmask = _query_mask(processor, text, start, prompt if not raw else text, ids, image_id)
+        aligned &= qmask is not None
+        qmask = qmask or [False] * len(ids)
+        runs = _runs(ids, image_id)
+        if per_image is not None:
+            ids = _resize_runs(ids, runs, [per_image] * len(runs), image_id)
+            qmask = _resize_runs(qmask, runs, [per_image] * len(runs), False)
+        rows.append(ids)
+        masks.append(qmask)
+    if not aligned:
+        warnings.warn(
+            "the tokenizer's offsets do not match the processor's ids: no salient-query mask", stacklevel=2
+        )
+    pad = processor.tokenizer.pad_token_id
+    if pad is None:
+        pad = processor.tokenizer.eos_token_id or 0
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    query = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (ids, qm) in enumerate(zip(rows, masks, strict=True)):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        attention[i, width - len(ids) :] = 1
+        query[i, width - len(ids) :] = torch.tensor(qm, dtype=torch.bool)
+    out = {"input_ids": input_ids, "attention_mask": attention, "pixel_values": torch.cat(pixels)}
+    if aligned and config is not None:
+        out["duet_query_mask"] = query
+    return out

@@ -1,0 +1,81 @@
+"""Load a Hugging Face VLM checkpoint directory (real or tiny) with its processor and family adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from PIL import Image, UnidentifiedImageError
+
+from duet_export.errors import DuetError
+from duet_export.models import ADAPTERS, Adapter, family_of_config
+
+__all__ = ["LoadedModel", "load", "load_image"]
+
+
+@dataclass
+class LoadedModel:
+    """A model, its processor and its adapter: what every command works on."""
+
+    model: torch.nn.Module
+    processor: object
+    adapter: Adapter
+    path: Path
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise DuetError(f"{path}: no such model directory")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise DuetError(f"{path} is not a Hugging Face checkpoint (no config.json)")
+    try:
+        return json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DuetError(f"{cfg_file} is not valid JSON ({e.__class__.__name__})") from None
+
+
+def load(
+    model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> LoadedModel:
+    """Load model + processor from `model_dir`; any problem is a one-line `DuetError`."""
+    path = Path(model_dir)
+    cfg = _read_config(path)
+    family = family_of_config(cfg.get("architectures"))
+    if family is None:
+        supported = ", ".join(c for a in ADAPTERS for c in a.model_classes)
+        found = ", ".join(cfg.get("architectures") or []) or cfg.get("model_type", "unknown")
+        raise DuetError(f"{path} holds a {found} checkpoint; supported: {supported}")
+    model_cls = getattr(transformers, family.model_classes[0])
+    try:
+        model = model_cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except Exception as e:  # corrupt weights, missing shards, incompatible config
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise DuetError(f"could not load the model in {path}: {first}") from None
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(path)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise DuetError(f"could not load the processor in {path}: {first}") from None
+    model.to(device).eval()
+    return LoadedModel(model=model, processor=processor, adapter=family(model), path=path)
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as RGB, or raise a one-line `DuetError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise DuetError(f"{p}: no such image file")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError):
+        raise DuetError(f"{p} is not an image PIL can read") from None

@@ -1,0 +1,134 @@
+"""The small interface every model family implements, so the stages, export and runtime never branch on it.
+
+An adapter answers three questions about one loaded model: where the vision features (and Stage 1's inputs)
+come from, where the decoder layers are and how they are called, and how positions work.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from duet_export.config import DuetConfig, Geometry
+from duet_export.stages.budget import LLAVA_RULES, ReferenceRules
+from duet_export.stages.v2v import V2VResult
+
+__all__ = ["Adapter", "AttentionParts", "VisionLayerOutput"]
+
+
+@dataclass
+class VisionLayerOutput:
+    """Stage 1's inputs, all from the vision layer whose output the model feeds its projector."""
+
+    hidden: torch.Tensor  # [B, 1+N, D] output of that layer, CLS first
+    cls_attention: torch.Tensor | None  # [B, N] CLS-row attention summed over heads (None if not needed)
+    keys: torch.Tensor | None  # [B, 1+N, d] that layer's keys averaged over heads
+
+
+@dataclass
+class AttentionParts:
+    """What Stage 2 needs from one decoder layer to compute its own attention rows."""
+
+    input_norm: nn.Module
+    q_proj: nn.Module
+    k_proj: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+
+
+class Adapter(ABC):
+    """One model family. Subclasses are registered in `duet_export.models`."""
+
+    family: ClassVar[str]
+    model_classes: ClassVar[tuple[str, ...]]
+    rules: ClassVar[ReferenceRules] = LLAVA_RULES
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    @abstractmethod
+    def num_patches(self) -> int:
+        """Patches per image (N), CLS excluded."""
+
+    @property
+    def frames(self) -> int:
+        return 1
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    def geometry(self) -> Geometry:
+        return Geometry(num_patches=self.num_patches, num_layers=self.num_layers, frames=self.frames)
+
+    @property
+    @abstractmethod
+    def image_token_id(self) -> int: ...
+
+    @property
+    def uncompressed_tokens_per_image(self) -> int:
+        """Placeholder tokens the checkpoint's processor writes per image."""
+        return self.num_patches
+
+    # ------------------------------------------------------------------ vision side
+    @abstractmethod
+    def vision_layer(self, pixel_values: torch.Tensor, need_scores: bool) -> VisionLayerOutput: ...
+
+    @abstractmethod
+    def project(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def uncompressed_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the stock model feeds its projector from the layer's output (e.g. patches without CLS)."""
+
+    def visual_features(
+        self, pixel_values: torch.Tensor, config: DuetConfig
+    ) -> tuple[torch.Tensor, V2VResult | None]:
+        """Projected visual tokens per image [n_images, V_img, D_text], with Stage 1 applied if configured."""
+        from duet_export.stages.v2v import v2v_merge
+
+        out = self.vision_layer(pixel_values, need_scores=config.stage1)
+        if not config.stage1:
+            return self.project(self.uncompressed_tokens(out.hidden)), None
+        merged = v2v_merge(
+            out.hidden, out.cls_attention, out.keys, config.dominant, config.contextual, config.cluster_width
+        )
+        return self.project(merged.tokens), merged
+
+    # ------------------------------------------------------------------ decoder side
+    @property
+    @abstractmethod
+    def decoder_layers(self) -> nn.ModuleList: ...
+
+    @abstractmethod
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def rotary(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @abstractmethod
+    def apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate one [B, H, T, d] tensor with [B, T, d] cos/sin."""
+
+    @abstractmethod
+    def attention_parts(self, layer: nn.Module) -> AttentionParts: ...
+
+    @abstractmethod
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    @property
+    @abstractmethod
+    def text_config(self): ...

@@ -1,0 +1,1 @@
+"""The two DUET stages and the budget arithmetic that ties them together."""

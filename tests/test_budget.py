@@ -1,0 +1,102 @@
+import pytest
+
+from duet_export.config import DuetConfig, Geometry
+from duet_export.errors import DuetError
+from duet_export.stages.budget import report, resolve_budget
+
+LLAVA = Geometry(num_patches=576, num_layers=32)
+
+
+def test_reference_192_setting():
+    cfg = resolve_budget(192, LLAVA)
+    assert (cfg.dominant, cfg.contextual) == (300, 7)
+    assert cfg.visual_tokens(LLAVA) == 307
+    assert cfg.drop_layers == (16, 24)
+    assert cfg.keep_ratios == (0.5, 0.0)
+    rep = report(cfg, LLAVA)
+    assert rep.group_tokens == [307, 153, 0]
+    assert rep.average_tokens == pytest.approx((307 * 16 + 153 * 8) / 32)
+    assert rep.reduction == pytest.approx(1 - 191.75 / 576)
+
+
+def test_reference_128_and_64_settings():
+    cfg128 = resolve_budget(128, LLAVA)
+    assert (cfg128.dominant, cfg128.contextual) == (170, 35)
+    cfg64 = resolve_budget(64, LLAVA)
+    rep = report(cfg64, LLAVA)
+    assert rep.average_tokens <= 64
+    assert rep.reduction == pytest.approx(0.889, abs=0.002)
+
+
+@pytest.mark.parametrize("budget", [1, 7.5, 50, 100, 192, 250, 300, 359])
+def test_budget_never_exceeded_and_tight(budget):
+    cfg = resolve_budget(budget, LLAVA)
+    avg = cfg.average_tokens(LLAVA)
+    assert avg <= budget
+    # one more visual token would exceed the budget (the resolver takes the largest V that fits)
+    if cfg.stage1:
+        bigger = DuetConfig(
+            dominant=cfg.dominant + 1,
+            contextual=cfg.contextual,
+            drop_layers=cfg.drop_layers,
+            keep_ratios=cfg.keep_ratios,
+        )
+        assert bigger.average_tokens(LLAVA) > budget
+
+
+def test_full_budget_is_identity_and_large_budgets_cap():
+    assert not resolve_budget(576, LLAVA).enabled
+    cfg = resolve_budget(500, LLAVA)
+    assert not cfg.stage1 and cfg.stage2  # above ~62 % of N Stage 1 is off and the schedule caps the average
+    assert cfg.average_tokens(LLAVA) == pytest.approx(360)
+
+
+def test_video_geometry_uses_frames():
+    video = Geometry(num_patches=256, num_layers=32, frames=8)
+    cfg = resolve_budget(960, video)
+    assert cfg.visual_tokens(video) % 8 == 0
+    assert cfg.average_tokens(video) <= 960
+
+
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [(577, "larger than the 576"), (0, "must be positive"), (0.1, "too small")],
+)
+def test_bad_budgets(budget, message):
+    with pytest.raises(DuetError, match=message):
+        resolve_budget(budget, LLAVA)
+
+
+def test_shallow_decoder_needs_explicit_schedule():
+    with pytest.raises(DuetError, match="too shallow"):
+        resolve_budget(10, Geometry(num_patches=64, num_layers=2))
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (DuetConfig(drop_layers=(24, 16), keep_ratios=(0.5, 0.0)), "strictly increasing"),
+        (DuetConfig(drop_layers=(16, 16), keep_ratios=(0.5, 0.0)), "strictly increasing"),
+        (DuetConfig(drop_layers=(0, 16), keep_ratios=(0.5, 0.0)), "out of range"),
+        (DuetConfig(drop_layers=(16, 32), keep_ratios=(0.5, 0.0)), "out of range"),
+        (DuetConfig(drop_layers=(16, 24), keep_ratios=(0.2, 0.5)), "non-increasing"),
+        (DuetConfig(drop_layers=(16,), keep_ratios=(0.5, 0.2)), "one ratio per layer"),
+        (DuetConfig(drop_layers=(16,), keep_ratios=(1.5,)), r"\[0, 1\]"),
+        (DuetConfig(dominant=578), "only 576"),
+        (DuetConfig(dominant=500, contextual=100), "exceeds the 77 patches"),
+        (DuetConfig(dominant=0), ">= 1"),
+        (DuetConfig(dominant=10, contextual=2, cluster_width=0), "cluster width"),
+        (DuetConfig(query="first"), "query must be"),
+        (DuetConfig(contextual=3), "need Stage 1"),
+    ],
+)
+def test_config_validation(cfg, message):
+    with pytest.raises(DuetError, match=message):
+        cfg.validate(LLAVA)
+
+
+def test_config_round_trip():
+    cfg = resolve_budget(64, LLAVA)
+    assert DuetConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(DuetError, match="unknown"):
+        DuetConfig.from_dict({"dominat": 3})

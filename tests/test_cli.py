@@ -1,0 +1,161 @@
+"""The command line: JSON from inspect, the overlay, and one-line errors with exit code 2 on bad input."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from duet_export.cli import cli
+
+from conftest import random_image
+
+
+@pytest.fixture()
+def image_file(tmp_path):
+    path = tmp_path / "img.png"
+    random_image(5, size=96).save(path)
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_inspect_json_reports_both_stages(tiny_dir, image_file):
+    result = run(
+        "inspect",
+        tiny_dir,
+        "--image",
+        image_file,
+        "--prompt",
+        "What digit is in row 2?",
+        "--budget",
+        10,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    s1 = info["stage1"]
+    assert s1["cls"] and s1["tokens"] == 1 + len(s1["dominant"]) + len(s1["contextual"])
+    assert s1["dominant"] == sorted(s1["dominant"])
+    merged = [p for c in s1["contextual"] for p in [c["anchor"], *c["members"]]]
+    assert not set(merged) & set(s1["dominant"]) and len(set(merged)) == len(merged)
+    assert [d["layer"] for d in info["stage2"]] == [4, 6]
+    first = info["stage2"][0]["kept"]
+    assert len(first) == int(0.5 * s1["tokens"]) and first == sorted(first)
+    assert info["stage2"][1]["kept"] == []
+    assert info["average_tokens"] <= 10
+    assert info["stage2"][0]["queries"][-1] == ":"
+
+
+def test_inspect_overlay_png(tiny_dir, image_file, tmp_path):
+    out = tmp_path / "sub" / "overlay.png"
+    result = run(
+        "inspect",
+        tiny_dir,
+        "--image",
+        image_file,
+        "--prompt",
+        "Where is it?",
+        "--budget",
+        12,
+        "--overlay",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "overlay written" in result.stdout
+    assert [p.name for p in out.parent.iterdir()] == ["overlay.png"]  # no temporary left behind
+
+
+def test_explicit_knobs_and_saved_config(tiny_dir, image_file, tmp_path):
+    cfg = tmp_path / "duet.json"
+    result = run(
+        "compress",
+        tiny_dir,
+        "--dominant",
+        9,
+        "--contextual",
+        3,
+        "--drop-layers",
+        "2,5",
+        "--keep-ratios",
+        "0.5,0.25",
+        "--query",
+        "all",
+        "--save-config",
+        cfg,
+        "--image",
+        image_file,
+        "--prompt",
+        "What is it?",
+        "--max-new-tokens",
+        4,
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads(cfg.read_text())
+    assert saved["config"]["dominant"] == 9 and saved["report"]["visual_tokens"] == 12
+    again = run("inspect", tiny_dir, "--image", image_file, "--prompt", "What?", "--config", cfg, "--json")
+    assert json.loads(again.stdout)["visual_tokens"] == 12
+
+
+@pytest.fixture()
+def not_llava(tmp_path):
+    d = tmp_path / "bert"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    return d
+
+
+BAD = [
+    (["--budget", 65], "larger than the 64 visual tokens"),
+    (["--budget", 10, "--dominant", 3], "not several"),
+    (["--drop-layers", "2,9", "--keep-ratios", "0.5,0.1"], "out of range"),
+    (["--drop-layers", "5,2", "--keep-ratios", "0.5,0.1"], "strictly increasing"),
+    (["--drop-layers", "2,5", "--keep-ratios", "0.2,0.5"], "non-increasing"),
+    (["--drop-layers", "2,x", "--keep-ratios", "0.2,0.5"], "comma-separated list of int"),
+    (["--budget", 10, "--raw"], "placeholder"),
+    ([], "give --budget"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD)
+def test_bad_input_is_one_line_and_exit_2(tiny_dir, image_file, extra, message):
+    result = run("inspect", tiny_dir, "--image", image_file, "--prompt", "What?", *extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_bad_files_are_one_line_and_exit_2(tiny_dir, image_file, not_llava, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    cases = [
+        ([tiny_dir, "--image", text], "is not an image"),
+        ([tiny_dir, "--image", tmp_path / "missing.png"], "no such image file"),
+        ([not_llava, "--image", image_file], "holds a BertModel checkpoint"),
+        ([tmp_path, "--image", image_file], "no config.json"),
+        ([tmp_path / "nope", "--image", image_file], "no such model directory"),
+    ]
+    for args, message in cases:
+        result = run("inspect", *args, "--prompt", "What?", "--budget", 10)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_weights(tiny_dir, image_file, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    result = run("inspect", broken, "--image", image_file, "--prompt", "What?", "--budget", 10)
+    assert result.exit_code == 2 and "could not load the model" in result.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = run("demo", "--workdir", tmp_path / "demo")
+    assert result.exit_code == 0, result.output
+    assert "V2V dominant=" in result.stdout and "DUET answer:" in result.stdout
+    assert (tmp_path / "demo" / "tiny-llava" / "model.safetensors").is_file()
