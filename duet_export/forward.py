@@ -20,12 +20,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from duet_export.config import DuetConfig
 from duet_export.errors import DuetError
 from duet_export.models.base import Adapter
-from duet_export.stages.t2v import t2v_keep, t2v_scores
+from duet_export.stages.ops import t2v_drop_node
+from duet_export.stages.t2v import IGNORE_INDEX, compact
 from duet_export.stages.v2v import V2VResult
 
-__all__ = ["IGNORE_INDEX", "DuetForward", "DuetTrace", "causal_mask", "positions_from_mask"]
-
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "DuetForward", "DuetTrace", "causal_mask", "positions_from_mask", "scatter_visual"]
 
 
 @dataclass
@@ -37,8 +36,8 @@ class DuetTrace:
     # (i.e. into the Stage-1 output order).
     stage2: dict[int, torch.Tensor] = field(default_factory=dict)
     visual_tokens: int = 0
-    # For each scored drop layer: the token ids of the queries of sample 0 (what Stage 2 listened to).
-    query_ids: dict[int, list[int]] = field(default_factory=dict)
+    # For each drop layer: [B, T_new] sequence positions that stayed (what the ONNX graph outputs too).
+    keep_index: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def positions_from_mask(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
@@ -49,13 +48,16 @@ def positions_from_mask(mask: torch.Tensor | None, batch: int, length: int, devi
     return pos.masked_fill(mask == 0, 0)
 
 
-def causal_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+def causal_mask(
+    mask: torch.Tensor | None, q_len: int, kv_len: int, device, static: bool = False
+) -> torch.Tensor | None:
     """A [B, 1, q, kv] boolean mask (True = attend) for SDPA, or None where plain causal attention is right.
 
     Padding rows may attend to themselves so no row is fully masked (a fully masked row is NaN in SDPA and
-    NaN values would leak into real rows through the zero-weighted value product).
+    NaN values would leak into real rows through the zero-weighted value product). `static=True` (export)
+    always builds the mask, so nothing depends on the data.
     """
-    if mask is None or bool(mask.all()):
+    if not static and (mask is None or bool(mask.all())):
         if q_len == 1 or q_len == kv_len:
             return None
         mask = torch.ones((1, kv_len), dtype=torch.bool, device=device)
@@ -76,9 +78,10 @@ def _gather_rows(x: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | 
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def _true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """[B, count] column indices of the True entries of a [B, T] mask holding `count` per row, ascending."""
-    return torch.nonzero(mask, as_tuple=False)[:, 1].view(mask.shape[0], count)
+def scatter_visual(hidden: torch.Tensor, visual: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Put the i-th visual feature of each row at the row's i-th image placeholder (static shapes)."""
+    rank = (visual.long().cumsum(dim=1) - 1).clamp(min=0)
+    return torch.where(visual.unsqueeze(-1), _gather_rows(features.to(hidden.dtype), rank), hidden)
 
 
 @dataclass
@@ -87,32 +90,33 @@ class _Sequence:
 
     ids: torch.Tensor
     hidden: torch.Tensor
-    mask: torch.Tensor | None  # [B, T] padding mask, None when nothing is padded
+    pad: torch.Tensor  # [B, T] bool, False on padding
     visual: torch.Tensor  # [B, T] bool
     labels: torch.Tensor | None
     query: torch.Tensor | None  # [B, T] int8: 1 salient prompt token, 0 other prompt token, -1 generated
     positions: torch.Tensor
 
-    def keep(self, keep: torch.Tensor) -> _Sequence:
-        count = int(keep[0].sum())
-        index = _true_positions(keep, count)
-        mask = _gather_rows(self.mask, index)
-        b = keep.shape[0]
+    def gather(self, index: torch.Tensor) -> _Sequence:
+        pad = _gather_rows(self.pad, index)
+        b, t = index.shape
         return _Sequence(
             ids=_gather_rows(self.ids, index),
             hidden=_gather_rows(self.hidden, index),
-            mask=mask,
+            pad=pad,
             visual=_gather_rows(self.visual, index),
             labels=_gather_rows(self.labels, index),
             query=_gather_rows(self.query, index),
-            positions=positions_from_mask(mask, b, count, keep.device),
+            positions=positions_from_mask(pad, b, t, index.device),
         )
+
+    @property
+    def real(self) -> torch.Tensor:
+        """Tokens that may query: not padding and part of the prompt."""
+        return self.pad if self.query is None else self.pad & (self.query >= 0)
 
 
 class DuetForward:
     """A drop-in `forward` for a model with DUET compression on. Created by `duet_export.compress`."""
-
-    _warned_no_query_mask = False
 
     def __init__(self, model: torch.nn.Module, adapter: Adapter, config: DuetConfig) -> None:
         self.model = model
@@ -152,7 +156,13 @@ class DuetForward:
         past = cache.get_seq_length(0) if cache is not None else 0
         if past == 0:
             hidden, labels = self._prefill(
-                input_ids, pixel_values, attention_mask, labels, duet_query_mask, cache, use_cache, duet_trace
+                input_ids,
+                pixel_values,
+                attention_mask,
+                labels,
+                duet_query_mask,
+                cache if use_cache else None,
+                duet_trace,
             )
         else:
             if pixel_values is not None:
@@ -167,56 +177,72 @@ class DuetForward:
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
     # ----------------------------------------------------------------------------------- prefill
-    def _prefill(self, input_ids, pixel_values, attention_mask, labels, query_mask, cache, use_cache, trace):
+    def _prefill(self, input_ids, pixel_values, attention_mask, labels, query_mask, cache, trace):
+        """Check and normalise eager inputs, then run the shared (export-safe) prefill."""
         b, t = input_ids.shape
-        device = input_ids.device
+        pad = (
+            attention_mask.bool()
+            if attention_mask is not None
+            else torch.ones_like(input_ids, dtype=torch.bool)
+        )
+        query = self._extend_query_mask(query_mask, input_ids)
+        if query is None and self.config.query == "salient" and self.config.stage2:
+            warnings.warn(
+                "query=salient but no duet_query_mask was given (build inputs with duet_export.prepare_inputs): "
+                "Stage 2 scores with all text after the image",
+                stacklevel=3,
+            )
         visual = input_ids == self.adapter.image_token_id
-        mask = attention_mask.bool() if attention_mask is not None else None
-        if mask is not None and bool(mask.all()):
-            mask = None
-        query_mask = self._extend_query_mask(query_mask, input_ids)
-        if query_mask is not None:  # an image token the model generated is text, not a placeholder
-            visual &= query_mask >= 0
+        if query is not None:  # an image token the model generated is text, not a placeholder
+            visual &= query >= 0
         counts = visual.sum(dim=1)
         if not bool((counts == counts[0]).all()):
             raise DuetError("every prompt in a batch must hold the same number of image tokens")
-        per_sample = int(counts[0])
-        hidden = self.adapter.embed(input_ids)
-        if per_sample:
+        seq = _Sequence(
+            input_ids, None, pad, visual, labels, query, positions_from_mask(pad, b, t, input_ids.device)
+        )
+        features = None
+        if int(counts[0]):
             if pixel_values is None:
                 raise DuetError("the prompt holds image tokens but no pixel_values were given")
             features, stage1 = self.adapter.visual_features(pixel_values, self.config)
             if trace is not None:
                 trace.stage1 = stage1
-            seq = _Sequence(
-                input_ids, hidden, mask, visual, labels, query_mask, positions_from_mask(mask, b, t, device)
-            )
-            seq = self._fit_image_tokens(seq, features, per_sample)
-            flat = features.reshape(-1, features.shape[-1]).to(seq.hidden.dtype)
-            seq.hidden = seq.hidden.masked_scatter(seq.visual.unsqueeze(-1), flat)
-        else:
-            seq = _Sequence(
-                input_ids, hidden, mask, visual, labels, query_mask, positions_from_mask(mask, b, t, device)
-            )
+            seq = self._fit_image_tokens(seq, features, int(counts[0]))
+            features = features.reshape(b, -1, features.shape[-1])
+        seq.hidden = self.adapter.embed(seq.ids)
+        return self.prefill(seq, features, cache, trace, static=False)
+
+    def prefill(
+        self, seq: _Sequence, features: torch.Tensor | None, cache, trace: DuetTrace | None, static: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Visual features in, decoder with Stage-2 drops, final hidden states out.
+
+        With `static=True` (ONNX export) nothing depends on the data: counts come from the config, masks are
+        always explicit, and the stages become `duet` nodes.
+        """
+        if features is not None:
+            seq.hidden = scatter_visual(seq.hidden, seq.visual, features)
+        visual_count = features.shape[1] if features is not None else 0
         if trace is not None:
-            trace.visual_tokens = int(seq.visual[0].sum())
+            trace.visual_tokens = visual_count
         for g, (start, end) in enumerate(self.groups):
-            if g > 0:
-                seq = self._drop(seq, start, self.group_tokens[g], trace)
+            if g > 0 and visual_count:
+                seq, visual_count = self._drop(seq, start, visual_count, self.group_tokens[g], trace)
             cos_sin = self.adapter.rotary(seq.hidden, seq.positions)
             length = seq.hidden.shape[1]
-            mask4 = causal_mask(seq.mask, length, length, device)
-            hidden_g = seq.hidden
+            mask4 = causal_mask(seq.pad, length, length, seq.hidden.device, static=static)
+            hidden = seq.hidden
             for layer in self.adapter.decoder_layers[start:end]:
-                hidden_g = layer(
-                    hidden_g,
+                hidden = layer(
+                    hidden,
                     attention_mask=mask4,
                     position_embeddings=cos_sin,
                     position_ids=seq.positions,
-                    cache=cache if use_cache else None,
-                    use_cache=use_cache,
+                    cache=cache,
+                    use_cache=cache is not None,
                 )
-            seq.hidden = hidden_g
+            seq.hidden = hidden
         return seq.hidden, seq.labels
 
     @staticmethod
@@ -239,7 +265,7 @@ class DuetForward:
         Prompts from `duet_export.prepare_inputs` already hold V tokens per image; prompts straight from the
         checkpoint's processor hold N, and the surplus placeholders are removed here.
         """
-        b = seq.hidden.shape[0]
+        b = seq.ids.shape[0]
         n_images, v_img = features.shape[0], features.shape[1]
         if n_images % b:
             raise DuetError(f"{n_images} images for {b} prompts: give every prompt the same number of images")
@@ -257,94 +283,43 @@ class DuetForward:
             )
         rank = seq.visual.long().cumsum(dim=1) - 1
         keep = ~seq.visual | (rank % per_image < v_img)
-        return seq.keep(keep)
+        return seq.gather(compact(keep, seq.ids.shape[1] - (per_image - v_img) * (n_images // b)))
 
-    def _queries(self, seq: _Sequence) -> torch.Tensor:
-        """[B, T] bool: the text tokens that score the visual tokens at a drop layer (ALGORITHM.md, Stage 2)."""
-        b, t = seq.visual.shape
-        index = torch.arange(t, device=seq.visual.device).expand(b, -1)
-        last_visual = torch.where(seq.visual, index, -1).max(dim=1, keepdim=True).values
-        real = seq.mask if seq.mask is not None else torch.ones_like(seq.visual)
-        if seq.query is not None:  # only the prompt's tokens may score (see _extend_query_mask)
-            real = real & (seq.query >= 0)
-        eligible = (index > last_visual) & real
-        if seq.labels is not None:
-            answer = seq.labels != IGNORE_INDEX
-            eligible &= ~answer
-            first_answer = torch.where(answer, index, t).min(dim=1, keepdim=True).values
-            final = torch.where(eligible & (index < first_answer), index, -1).max(dim=1, keepdim=True).values
-        else:
-            final = torch.where(real, index, -1).max(dim=1, keepdim=True).values
-        final_token = index == final
-        mode = self.config.query
-        if mode == "salient" and seq.query is None:
-            if not DuetForward._warned_no_query_mask:
-                warnings.warn(
-                    "query=salient but no duet_query_mask was given (use duet_export.prepare_inputs): "
-                    "scoring with all text after the image",
-                    stacklevel=4,
-                )
-                DuetForward._warned_no_query_mask = True
-            mode = "all"
-        if mode == "all":
-            chosen = eligible
-        elif mode == "salient":
-            chosen = eligible & (seq.query > 0)
-        else:
-            chosen = torch.zeros_like(eligible)
-        chosen = chosen | final_token
-        # A prompt with no text after the image still needs one query: its last real token.
-        empty = ~chosen.any(dim=1, keepdim=True)
-        last_real = index == torch.where(real, index, -1).max(dim=1, keepdim=True).values
-        return chosen | (empty & last_real)
-
-    @torch.no_grad()
-    def _scores(self, seq: _Sequence, layer_index: int, visual_index: torch.Tensor, trace) -> torch.Tensor:
-        parts = self.adapter.attention_parts(self.adapter.decoder_layers[layer_index])
-        queries = self._queries(seq)
-        if trace is not None:
-            trace.query_ids[layer_index] = seq.ids[0][queries[0]].tolist()
-        b, t = queries.shape
-        count = queries.sum(dim=1)
-        q_max = int(count.max())
-        q_index = torch.argsort((~queries).int(), dim=1, stable=True)[:, :q_max]
-        q_valid = torch.arange(q_max, device=q_index.device).unsqueeze(0) < count.unsqueeze(1)
-        normed = parts.input_norm(seq.hidden)
-        q = (
-            parts.q_proj(_gather_rows(normed, q_index))
-            .view(b, q_max, parts.num_heads, parts.head_dim)
-            .transpose(1, 2)
-        )
-        k = parts.k_proj(normed).view(b, t, parts.num_kv_heads, parts.head_dim).transpose(1, 2)
-        cos, sin = self.adapter.rotary(seq.hidden, seq.positions)
-        q = self.adapter.apply_rotary(q, _gather_rows(cos, q_index), _gather_rows(sin, q_index))
-        k = self.adapter.apply_rotary(k, cos, sin)
-        keys = torch.arange(t, device=q_index.device)
-        allowed = keys.view(1, 1, t) <= q_index.unsqueeze(-1)
-        if seq.mask is not None:
-            allowed &= seq.mask.unsqueeze(1)
-        return t2v_scores(q, k, allowed, q_valid, visual_index, parts.scale)
-
-    def _drop(self, seq: _Sequence, layer_index: int, keep: int, trace: DuetTrace | None) -> _Sequence:
-        b = seq.visual.shape[0]
-        current = int(seq.visual[0].sum())
+    def _drop(
+        self, seq: _Sequence, layer_index: int, current: int, keep: int, trace: DuetTrace | None
+    ) -> tuple[_Sequence, int]:
+        """Stage 2 before decoder layer `layer_index`: keep `keep` of the `current` visual tokens."""
         if keep >= current:
-            return seq
-        visual_index = _true_positions(seq.visual, current)
-        if keep > 0:
-            kept = t2v_keep(self._scores(seq, layer_index, visual_index, trace), keep)
-            kept_positions = torch.gather(visual_index, 1, kept)
-        else:
-            kept = visual_index.new_zeros((b, 0))
-            kept_positions = kept
+            return seq, current
+        parts = self.adapter.attention_parts(self.adapter.decoder_layers[layer_index])
+        with torch.no_grad():
+            normed = parts.input_norm(seq.hidden)
+            cos, sin = self.adapter.rotary(seq.hidden, seq.positions)
+            index = t2v_drop_node(
+                normed, parts.q_proj.weight, parts.q_proj.bias, parts.k_proj.weight, parts.k_proj.bias,
+                cos, sin, seq.real, seq.visual, None if seq.query is None else seq.query > 0,
+                num_heads=parts.num_heads, num_kv_heads=parts.num_kv_heads, head_dim=parts.head_dim,
+                scale=parts.scale, visual_tokens=current, keep=keep, mode=self.config.query, layer=layer_index,
+                labels=seq.labels, pad=seq.pad,
+            )  # fmt: skip
         if trace is not None:
-            # Map positions within the current block back to the Stage-1 output order.
-            previous = [*trace.stage2.values()]
-            origin = previous[-1] if previous else torch.arange(current, device=kept.device).expand(b, -1)
-            trace.stage2[layer_index] = torch.gather(origin, 1, kept)
-        keep_mask = ~seq.visual
-        keep_mask = keep_mask.scatter(1, kept_positions, True)
-        return seq.keep(keep_mask)
+            trace.keep_index[layer_index] = index
+            if not torch.onnx.is_in_onnx_export():
+                self._trace_kept(trace, seq, index, layer_index, keep)
+        return seq.gather(index), keep
+
+    @staticmethod
+    def _trace_kept(
+        trace: DuetTrace, seq: _Sequence, index: torch.Tensor, layer_index: int, keep: int
+    ) -> None:
+        """Record the kept visual tokens as indices into the Stage-1 output order."""
+        block = seq.visual.long().cumsum(dim=1) - 1
+        kept_visual = compact(_gather_rows(seq.visual, index), keep)
+        kept = torch.gather(_gather_rows(block, index), 1, kept_visual)
+        previous = list(trace.stage2.values())
+        if previous:
+            kept = torch.gather(previous[-1], 1, kept)
+        trace.stage2[layer_index] = kept
 
     # ----------------------------------------------------------------------------------- decode
     def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -18,7 +20,7 @@ from duet_export.errors import DuetError
 from duet_export.models.base import Adapter
 from duet_export.stages.salient import salient_spans, token_mask_from_spans
 
-__all__ = ["prepare_inputs", "render_prompt"]
+__all__ = ["EncodedPrompts", "encode_prompts", "prepare_inputs", "render_prompt"]
 
 
 def _image_token(processor) -> str:
@@ -106,28 +108,63 @@ def prepare_inputs(
 ) -> dict[str, torch.Tensor]:
     """Tensors for `model(**inputs)` / `model.generate(**inputs)`, left-padded, one entry per prompt.
 
-    With Stage 1 on, each image holds K_d + K_c placeholder tokens instead of N. `duet_query_mask` marks the
-    salient words of each question (Stage 2 adds the final prompt token itself).
+    With Stage 1 on, each image holds K_d + K_c placeholder tokens instead of N. `duet_query_mask` (given
+    whenever a config is) marks the salient words of each question; Stage 2 adds the final prompt token.
+    """
+    per_image = config.tokens_per_frame(adapter.num_patches) if config is not None and config.stage1 else None
+    batch = encode_prompts(processor, adapter.image_token_id, images, prompts, per_image, raw=raw)
+    out = {
+        "input_ids": torch.from_numpy(batch.input_ids),
+        "attention_mask": torch.from_numpy(batch.attention_mask),
+        "pixel_values": torch.from_numpy(batch.pixel_values),
+    }
+    if batch.query_mask is not None and config is not None:
+        out["duet_query_mask"] = torch.from_numpy(batch.query_mask)
+    return out
+
+
+@dataclass
+class EncodedPrompts:
+    """Left-padded numpy arrays for a batch of prompts (shared by the PyTorch and onnxruntime paths)."""
+
+    input_ids: np.ndarray  # [B, T] int64
+    attention_mask: np.ndarray  # [B, T] int64
+    pixel_values: np.ndarray  # [n_images, 3, H, W] float32
+    query_mask: np.ndarray | None  # [B, T] bool, None if the tokenizer's offsets could not be aligned
+    lengths: list[int]  # real tokens per prompt
+
+
+def encode_prompts(
+    processor,
+    image_token_id: int,
+    images: Sequence[Image.Image | Sequence[Image.Image]],
+    prompts: Sequence[str],
+    tokens_per_image: int | None,
+    *,
+    raw: bool = False,
+    width: int | None = None,
+) -> EncodedPrompts:
+    """Render, tokenise and left-pad prompts; `tokens_per_image` resizes each placeholder run (None: keep N).
+
+    `width` pads every row to a fixed length (static-shape bundles); a longer prompt is an error.
     """
     if len(images) != len(prompts):
         raise DuetError(f"{len(images)} images for {len(prompts)} prompts")
-    image_id = adapter.image_token_id
-    per_image = config.tokens_per_frame(adapter.num_patches) if config is not None and config.stage1 else None
     rows, masks, pixels = [], [], []
     aligned = True
     for image, prompt in zip(images, prompts, strict=True):
         group = [image] if isinstance(image, Image.Image) else list(image)
         text, start = render_prompt(processor, prompt, num_images=len(group), raw=raw)
-        enc = processor(images=group, text=text, return_tensors="pt")
-        ids = enc["input_ids"][0].tolist()
-        pixels.append(enc["pixel_values"])
-        qmask = _query_mask(processor, text, start, prompt if not raw else text, ids, image_id)
+        enc = processor(images=group, text=text, return_tensors="np")
+        ids = [int(x) for x in enc["input_ids"][0]]
+        pixels.append(np.asarray(enc["pixel_values"], dtype=np.float32))
+        qmask = _query_mask(processor, text, start, prompt if not raw else text, ids, image_token_id)
         aligned &= qmask is not None
         qmask = qmask or [False] * len(ids)
-        runs = _runs(ids, image_id)
-        if per_image is not None:
-            ids = _resize_runs(ids, runs, [per_image] * len(runs), image_id)
-            qmask = _resize_runs(qmask, runs, [per_image] * len(runs), False)
+        runs = _runs(ids, image_token_id)
+        if tokens_per_image is not None:
+            ids = _resize_runs(ids, runs, [tokens_per_image] * len(runs), image_token_id)
+            qmask = _resize_runs(qmask, runs, [tokens_per_image] * len(runs), False)
         rows.append(ids)
         masks.append(qmask)
     if not aligned:
@@ -137,15 +174,27 @@ def prepare_inputs(
     pad = processor.tokenizer.pad_token_id
     if pad is None:
         pad = processor.tokenizer.eos_token_id or 0
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    query = torch.zeros((len(rows), width), dtype=torch.bool)
+    longest = max(len(r) for r in rows)
+    if width is None:
+        width = longest
+    elif longest > width:
+        i = max(range(len(rows)), key=lambda r: len(rows[r]))
+        image_tokens = sum(1 for t in rows[i] if t == image_token_id)
+        raise DuetError(
+            f"the prompt takes {longest - image_tokens} text tokens; the bundle holds at most "
+            f"{width - image_tokens} (export again with a larger --max-prompt)"
+        )
+    input_ids = np.full((len(rows), width), pad, dtype=np.int64)
+    attention = np.zeros((len(rows), width), dtype=np.int64)
+    query = np.zeros((len(rows), width), dtype=bool)
     for i, (ids, qm) in enumerate(zip(rows, masks, strict=True)):
-        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        input_ids[i, width - len(ids) :] = ids
         attention[i, width - len(ids) :] = 1
-        query[i, width - len(ids) :] = torch.tensor(qm, dtype=torch.bool)
-    out = {"input_ids": input_ids, "attention_mask": attention, "pixel_values": torch.cat(pixels)}
-    if aligned and config is not None:
-        out["duet_query_mask"] = query
-    return out
+        query[i, width - len(ids) :] = qm
+    return EncodedPrompts(
+        input_ids=input_ids,
+        attention_mask=attention,
+        pixel_values=np.concatenate(pixels),
+        query_mask=query if aligned else None,
+        lengths=[len(r) for r in rows],
+    )

@@ -13,6 +13,7 @@ from duet_export.forward import DuetForward, DuetTrace
 from duet_export.inputs import prepare_inputs
 from duet_export.loading import LoadedModel
 from duet_export.stages.budget import report
+from duet_export.stages.t2v import select_queries
 
 __all__ = ["inspect_prompt", "model_view"]
 
@@ -69,9 +70,12 @@ def inspect_prompt(
                 "keep_ratio": ratio,
                 "kept": kept_list,
                 "kept_tokens": [_describe_token(i, stage1) for i in kept_list],
-                "queries": tok.convert_ids_to_tokens(trace.query_ids.get(layer, [])),
             }
         )
+    ids = inputs["input_ids"]
+    visual = ids == loaded.adapter.image_token_id
+    query = inputs.get("duet_query_mask")
+    chosen = select_queries(visual, inputs["attention_mask"].bool(), query, None, config.query)
     result = {
         "model": str(loaded.path),
         "family": loaded.adapter.family,
@@ -80,6 +84,7 @@ def inspect_prompt(
         "grid": round(geometry.num_patches**0.5),
         "stage1": stage1,
         "stage2": stage2,
+        "queries": tok.convert_ids_to_tokens(ids[0][chosen[0]].tolist()) if config.stage2 else [],
         "visual_tokens": trace.visual_tokens,
         "average_tokens": round(budget.average_tokens, 4),
         "reduction": round(budget.reduction, 6),
