@@ -159,13 +159,159 @@ def inspect_cmd(model_dir, image, prompt, raw, as_json, overlay, device, **opts)
         click.echo(f"Stage 1: off ({info['num_patches']} patches)")
     for d in info["stage2"]:
         click.echo(f"before layer {d['layer']} (keep {d['keep_ratio']}): {len(d['kept'])} kept {d['kept']}")
-        if d["queries"]:
-            click.echo(f"  queries: {' '.join(d['queries'])}")
+    if info["queries"]:
+        click.echo(f"Stage-2 queries: {' '.join(info['queries'])}")
     click.echo(
         f"average visual tokens per layer: {info['average_tokens']:.2f} ({100 * info['reduction']:.1f} % fewer)"
     )
     if overlay:
         click.echo(f"overlay written to {overlay}")
+
+
+@cli.command("export")
+@click.argument("model_dir", type=click.Path())
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@budget_options
+@click.option("--no-compress", is_flag=True, help="Export the uncompressed baseline bundle.")
+@click.option(
+    "--target",
+    type=click.Choice(["cpu", "cuda", "migraphx"]),
+    default="cpu",
+    show_default=True,
+    help="Deployment target: picks the pass pipeline (cuda/migraphx: lowered, static).",
+)
+@click.option("--max-prompt", type=int, default=64, show_default=True, help="Text tokens a prompt may take.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Cache room for new tokens.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Prompts per run (fixed).")
+def export_cmd(model_dir, out_dir, no_compress, target, max_prompt, max_new_tokens, batch, **opts) -> None:
+    """Compile MODEL_DIR with a fixed budget into an onnxruntime bundle in OUT_DIR."""
+    from duet_export.export.bundle import ExportOptions, export_bundle
+
+    options = ExportOptions(
+        target=target, max_prompt=max_prompt, max_new_tokens=max_new_tokens, batch=batch
+    ).validate()
+    loaded = _load(model_dir)
+    if no_compress and opts.get("budget") is not None:
+        raise DuetError("--no-compress and --budget exclude each other")
+    config = None if no_compress else config_from_options(loaded.adapter, **opts)
+    manifest = export_bundle(loaded, out_dir, config, options, echo=click.echo)
+    budget = manifest["budget"]
+    click.echo(
+        f"bundle written to {out_dir}: target {target}, {manifest['image']['tokens_per_image']} visual tokens "
+        f"into the decoder, {budget['average_tokens']:.2f} on average per layer"
+    )
+
+
+def _generation_options(func):
+    for option in reversed(
+        [
+            click.option(
+                "--max-new-tokens", type=int, help="At most the bundle's --max-new-tokens (default)."
+            ),
+            click.option("--sample", is_flag=True, help="Sample instead of greedy decoding."),
+            click.option("--temperature", type=float, default=1.0, show_default=True),
+            click.option("--top-k", type=int, default=0, show_default=True),
+            click.option("--top-p", type=float, default=1.0, show_default=True),
+            click.option("--seed", type=int, default=0, show_default=True),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _provider_options(func):
+    for option in reversed(
+        [
+            click.option(
+                "--provider",
+                type=click.Choice(["auto", "migraphx", "cuda", "cpu"]),
+                default="auto",
+                show_default=True,
+                help="auto: MIGraphX, then CUDA, then CPU, as installed.",
+            ),
+            click.option("--device-id", type=int, default=0, show_default=True),
+            click.option("--fp16", is_flag=True, help="MIGraphX: compile in fp16 (migraphx_fp16_enable)."),
+            click.option(
+                "--cache-dir", type=click.Path(file_okay=False), help="MIGraphX: compiled-model cache."
+            ),
+            click.option(
+                "--cuda-graph", is_flag=True, help="CUDA: capture the static graphs as CUDA graphs."
+            ),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+@cli.command("run")
+@click.argument("bundle", type=click.Path())
+@click.option("--image", type=click.Path(), required=True)
+@click.option("--prompt", required=True, help="The question (wrapped by the checkpoint's chat template).")
+@click.option(
+    "--raw", is_flag=True, help="Use --prompt as the full prompt text (it must hold the image placeholder)."
+)
+@_generation_options
+@_provider_options
+def run_cmd(
+    bundle, image, prompt, raw, max_new_tokens, sample, temperature, top_k, top_p, seed, **provider
+) -> None:
+    """Answer a prompt about an image with an exported bundle on onnxruntime; the answer is the last line."""
+    from duet_export.generate import GenerationSettings
+    from duet_export.runtimes import OnnxVLM, ProviderSettings
+
+    settings = ProviderSettings(
+        provider["device_id"], provider["fp16"], provider["cache_dir"], provider["cuda_graph"]
+    )
+    vlm = OnnxVLM(
+        bundle, provider["provider"], settings, on_note=lambda m: click.echo(f"note: {m}", err=True)
+    )
+    gen = GenerationSettings(max_new_tokens or vlm.max_new_tokens, sample, temperature, top_k, top_p, seed)
+    answer = vlm.generate([image], [prompt], gen, raw=raw)[0]
+    click.echo(
+        f"{vlm.bundle.provider}: prompt tokens {answer.prompt_tokens}, new tokens {len(answer.token_ids)}, "
+        f"{answer.seconds:.2f} s",
+        err=True,
+    )
+    click.echo(answer.text)
+
+
+@cli.command("check")
+@click.argument("bundle", type=click.Path())
+@click.option(
+    "--target",
+    type=click.Choice(["cpu", "cuda", "migraphx"]),
+    help="Verify against this target (default: the bundle's own).",
+)
+def check_cmd(bundle, target) -> None:
+    """Verify a bundle's files, checksums and graphs against a target's rules; exit 1 if any fails."""
+    from duet_export.export.check import check_bundle
+
+    reports = check_bundle(bundle, target)
+    for report in reports:
+        click.echo(report.format())
+    failed = [r.graph for r in reports if not r.ok]
+    if failed:
+        click.echo(f"FAILED: {', '.join(failed)}", err=True)
+        raise SystemExit(1)
+    click.echo(f"all {len(reports)} graphs pass for {reports[0].target}")
+
+
+@cli.group("passes")
+def passes_group() -> None:
+    """The ONNX graph passes and the pipeline each target gets."""
+
+
+@passes_group.command("list")
+def passes_list() -> None:
+    """List the passes and each target's pipeline."""
+    from duet_export.passes.pipeline import PASSES, PIPELINES
+
+    width = max(len(name) for name in PASSES)
+    for name, info in PASSES.items():
+        click.echo(f"{name:<{width}}  {info.summary}")
+    click.echo("")
+    for target, names in PIPELINES.items():
+        click.echo(f"--target {target:<9} {' -> '.join(names)}")
 
 
 def main(argv: list[str] | None = None) -> None:

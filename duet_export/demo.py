@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from duet_export.compress import compress, decompress
 from duet_export.config import DuetConfig
-from duet_export.generate import GenerationSettings, generate_answers
+from duet_export.generate import Answer, GenerationSettings, generate_answers
 from duet_export.loading import LoadedModel, load
 from duet_export.stages.budget import report, resolve_budget
 from duet_export.tiny import build_tiny_llava
@@ -91,4 +91,19 @@ def run_demo(workdir: Path, budget: float | None = None, echo=print) -> dict:
     echo("(the tiny model has random weights, so its words are noise; the token counts are the point)")
     echo(f"uncompressed answer: {full.text}")
     echo(f"DUET answer: {duet.text}")
-    return {"config": config, "report": rep, "full": full, "duet": duet}
+    onnx_answer = _onnx_answer(loaded, workdir / "bundle", config, image, settings, echo)
+    same = "the same tokens as" if onnx_answer.token_ids == duet.token_ids else "DIFFERENT tokens from"
+    echo(f"DUET answer on onnxruntime ({same} PyTorch): {onnx_answer.text}")
+    return {"config": config, "report": rep, "full": full, "duet": duet, "onnx": onnx_answer}
+
+
+def _onnx_answer(loaded: LoadedModel, bundle_dir: Path, config: DuetConfig, image, settings, echo) -> Answer:
+    """Export the compressed model to an ONNX bundle and answer the prompt through onnxruntime."""
+    from duet_export.export.bundle import ExportOptions, export_bundle
+    from duet_export.runtimes import OnnxVLM
+
+    echo(f"exporting the compressed model to {bundle_dir} (vision, prefill and step graphs) ...")
+    options = ExportOptions(target="cpu", max_prompt=32, max_new_tokens=settings.max_new_tokens)
+    export_bundle(loaded, bundle_dir, config, options, echo=lambda m: echo("  " + m.strip()))
+    vlm = OnnxVLM(bundle_dir, provider="cpu")
+    return vlm.generate([image], [DEMO_PROMPT], settings)[0]

@@ -13,7 +13,7 @@ from duet_export.compress import duet_config_of
 from duet_export.inputs import prepare_inputs
 from duet_export.loading import LoadedModel
 
-__all__ = ["Answer", "GenerationSettings", "generate_answers"]
+__all__ = ["Answer", "GenerationSettings", "decode_answer", "generate_answers"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,15 @@ class Answer:
     token_ids: list[int]
     prompt_tokens: int
     seconds: float
+
+
+def decode_answer(tokenizer, new_ids: Sequence[int]) -> tuple[str, list[int]]:
+    """The answer's text and ids: cut at the first EOS, padding removed (shared with the ONNX runtime)."""
+    new = [int(t) for t in new_ids]
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    new = [t for t in new if t != tokenizer.pad_token_id]
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), new
 
 
 def generate_answers(
@@ -63,10 +72,6 @@ def generate_answers(
     width = inputs["input_ids"].shape[1]
     answers = []
     for row, mask in zip(out, inputs["attention_mask"], strict=True):
-        new = row[width:].tolist()
-        if tok.eos_token_id in new:
-            new = new[: new.index(tok.eos_token_id)]
-        new = [t for t in new if t != tok.pad_token_id]
-        text = tok.decode(new, skip_special_tokens=True).strip()
+        text, new = decode_answer(tok, row[width:].tolist())
         answers.append(Answer(text=text, token_ids=new, prompt_tokens=int(mask.sum()), seconds=seconds))
     return answers

@@ -45,7 +45,7 @@ def test_inspect_json_reports_both_stages(tiny_dir, image_file):
     assert len(first) == int(0.5 * s1["tokens"]) and first == sorted(first)
     assert info["stage2"][1]["kept"] == []
     assert info["average_tokens"] <= 10
-    assert info["stage2"][0]["queries"][-1] == ":"
+    assert info["queries"] == ["what", "digit", "row", "2", "?", ":"]
 
 
 def test_inspect_overlay_png(tiny_dir, image_file, tmp_path):
@@ -159,3 +159,5 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "V2V dominant=" in result.stdout and "DUET answer:" in result.stdout
     assert (tmp_path / "demo" / "tiny-llava" / "model.safetensors").is_file()
+    assert "DUET answer on onnxruntime (the same tokens as PyTorch)" in result.stdout
+    assert (tmp_path / "demo" / "bundle" / "manifest.json").is_file()

@@ -1,0 +1,248 @@
+"""`export_bundle`: a loaded model + a budget -> a deployment bundle with every shape fixed.
+
+The bundle holds three graphs (vision, decoder prefill, decoder step), the checkpoint's tokenizer, image
+processor and chat template, and `manifest.json`. Writing is atomic: a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+import torch
+
+from duet_export.atomic import atomic_dir
+from duet_export.config import DuetConfig
+from duet_export.errors import DuetError
+from duet_export.export.functions import FUNCTION_OPSET, attach_functions
+from duet_export.export.graphs import PrefillGraph, StepGraph, VisionGraph
+from duet_export.export.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    POSITIONS_RULE,
+    file_digest,
+    tool_versions,
+)
+from duet_export.forward import DuetForward
+from duet_export.loading import LoadedModel
+from duet_export.passes.pipeline import TARGETS, run_pipeline
+from duet_export.stages.budget import report
+
+__all__ = ["ExportOptions", "export_bundle"]
+
+_EXTERNAL_DATA_BYTES = 1 << 30  # graphs above 1 GiB keep their weights in a side file
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    target: str = "cpu"
+    max_prompt: int = 64  # text tokens of a prompt, image placeholders not counted
+    max_new_tokens: int = 32
+    batch: int = 1
+    opset: int = FUNCTION_OPSET
+
+    def validate(self) -> ExportOptions:
+        if self.target not in TARGETS:
+            raise DuetError(f"unknown target {self.target!r} (choose from {', '.join(TARGETS)})")
+        for name in ("max_prompt", "max_new_tokens", "batch"):
+            if getattr(self, name) < 1:
+                raise DuetError(f"{name.replace('_', '-')} must be at least 1")
+        return self
+
+
+def _describe(values: list[ir.Value]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": v.name,
+            "shape": [d if isinstance(d, int) else str(d) for d in v.shape],
+            "dtype": v.dtype.name.lower(),
+        }
+        for v in values
+    ]
+
+
+def _export(
+    module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str]
+) -> ir.Model:
+    """Dynamo export with the exporter's own console chatter captured (shown only if it fails)."""
+    chatter = io.StringIO()
+    # The exporter logs one warning per torchvision op it cannot register; torchvision is not a dependency.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), torch.no_grad():
+            program = torch.onnx.export(
+                module.eval(),
+                args,
+                dynamo=True,
+                opset_version=FUNCTION_OPSET,
+                input_names=input_names,
+                output_names=output_names,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as e:
+        tail = " | ".join(chatter.getvalue().strip().splitlines()[-3:])
+        raise DuetError(
+            f"the ONNX exporter failed on {type(module).__name__}: {e.__class__.__name__}: {str(e).splitlines()[0][:200]} {tail}"
+        ) from None
+    return program.model
+
+
+def _save(model: ir.Model, path: Path) -> list[dict[str, Any]]:
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if size > _EXTERNAL_DATA_BYTES:
+        ir.save(model, path, external_data=path.name + ".data")
+        files = [path, path.with_name(path.name + ".data")]
+    else:
+        ir.save(model, path)
+        files = [path]
+    return [{"name": f.name, "bytes": f.stat().st_size, "sha256": file_digest(f)} for f in files]
+
+
+def export_bundle(
+    loaded: LoadedModel,
+    out_dir: str | os.PathLike,
+    config: DuetConfig | None,
+    options: ExportOptions | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Export `loaded` with `config` (None: the uncompressed baseline) to `out_dir`; returns the manifest."""
+    options = (options or ExportOptions()).validate()
+    adapter = loaded.adapter
+    geometry = adapter.geometry()
+    config = config or DuetConfig()
+    forward = DuetForward(loaded.model, adapter, config)
+    budget = report(config, geometry)
+    b = options.batch
+    per_image = config.tokens_per_frame(geometry.num_patches)
+    visual = per_image * geometry.frames
+    length = options.max_prompt + visual
+    group_lengths = [length - visual + v for v in budget.group_tokens]
+    capacity = [t + options.max_new_tokens for t in group_lengths]
+    text_cfg = adapter.text_config
+    kv_heads = text_cfg.num_key_value_heads
+    head_dim = adapter.attention_parts(adapter.decoder_layers[0]).head_dim
+    image_size = adapter.image_size
+    dtype = next(loaded.model.parameters()).dtype
+    hidden = text_cfg.hidden_size
+
+    pixel = torch.zeros((b * geometry.frames, 3, image_size, image_size), dtype=dtype)
+    ids = torch.full((b, length), int(loaded.tokenizer.pad_token_id or 0), dtype=torch.long)
+    ids[:, 1 : 1 + visual] = adapter.image_token_id
+    prefill_args = (
+        ids,
+        torch.ones_like(ids),
+        torch.zeros((b, visual, hidden), dtype=dtype),
+        torch.zeros_like(ids, dtype=torch.bool),
+    )
+    groups = forward.groups
+    layer_group = [g for g, (s, e) in enumerate(groups) for _ in range(s, e)]
+    masks = [torch.ones((b, c), dtype=torch.long) for c in capacity]
+    past = [
+        torch.zeros((b, kv_heads, capacity[g], head_dim), dtype=dtype) for g in layer_group for _ in range(2)
+    ]
+
+    def kv_names(prefix: str) -> list[str]:
+        return [f"{prefix}.{i}.{kv}" for i in range(len(layer_group)) for kv in ("key", "value")]
+
+    drop_layers = [
+        s for g, (s, _) in enumerate(groups) if g > 0 and budget.group_tokens[g] < budget.group_tokens[g - 1]
+    ]
+
+    graphs = {
+        "vision": (
+            VisionGraph(forward),
+            (pixel,),
+            ["pixel_values"],
+            ["image_features", *(["stage1_dominant", "stage1_anchors"] if config.stage1 else [])],
+        ),
+        "prefill": (
+            PrefillGraph(forward),
+            prefill_args,
+            ["input_ids", "attention_mask", "image_features", "query_mask"],
+            ["logits", *kv_names("present"), *[f"keep_index.{layer}" for layer in drop_layers]],
+        ),
+        "step": (
+            StepGraph(forward),
+            (ids[:, :1], *masks, *past),
+            ["input_ids", *[f"past_mask.{g}" for g in range(len(groups))], *kv_names("past")],
+            ["logits", *kv_names("new")],
+        ),
+    }
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "versions": tool_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source_model": str(loaded.path),
+        "family": adapter.family,
+        "target": options.target,
+        "opset": options.opset,
+        "dtype": str(dtype).replace("torch.", ""),
+        "compressed": config.enabled,
+        "config": config.to_dict(),
+        "budget": budget.to_dict(),
+        "options": asdict(options),
+        "batch": b,
+        "prompt_length": length,
+        "image": {
+            "size": [image_size, image_size],
+            "channels": 3,
+            "frames": geometry.frames,
+            "patches": geometry.num_patches,
+            "tokens_per_image": per_image,
+            "image_token_id": adapter.image_token_id,
+            "preprocessing": "the checkpoint's image processor: convert to RGB, resize the shortest edge, center-crop",
+        },
+        "layer_groups": [list(g) for g in groups],
+        "layer_group_of": layer_group,
+        "group_lengths": group_lengths,
+        "cache_capacity": capacity,
+        "drop_layers": drop_layers,
+        "kv": {"num_kv_heads": kv_heads, "head_dim": head_dim},
+        "positions": POSITIONS_RULE,
+        "tokens": {
+            "eos_token_id": loaded.tokenizer.eos_token_id,
+            "pad_token_id": loaded.tokenizer.pad_token_id,
+        },
+        "graphs": {},
+    }
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        for name, (module, args, inputs, outputs) in graphs.items():
+            start = time.perf_counter()
+            echo(f"exporting the {name} graph ...")
+            model = _export(module, args, inputs, outputs)
+            attach_functions(model)
+            applied, reports = run_pipeline(model, options.target, graph_name=name)
+            failed = [r for r in reports if not r.ok]
+            if failed:
+                raise DuetError(
+                    f"the {name} graph fails verification for {options.target}: "
+                    + failed[0].format().replace("\n", " | ")
+                )
+            files = _save(model, tmp / f"{name}.onnx")
+            manifest["graphs"][name] = {
+                "files": files,
+                "inputs": _describe(list(model.graph.inputs)),
+                "outputs": _describe(list(model.graph.outputs)),
+                "passes": applied,
+                "duet_nodes": sorted({f"{n.domain}.{n.op_type}" for n in model.graph if n.domain == "duet"}),
+                "nodes": len(model.graph),
+            }
+            echo(
+                f"  {name}: {len(model.graph)} nodes, passes {', '.join(applied)} ({time.perf_counter() - start:.1f} s)"
+            )
+        loaded.processor.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest

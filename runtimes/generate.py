@@ -1,0 +1,310 @@
+"""Generation on onnxruntime over a KV cache whose layer groups hold different numbers of tokens.
+
+Stage 2 makes later decoder layers keep fewer tokens, so no existing runtime (onnxruntime-genai keeps one
+sequence length for every layer) can hold the cache. The loop here keeps one fixed-capacity numpy buffer
+per layer: group g holds `group_lengths[g]` prompt tokens plus room for the new ones, and a per-group mask
+says which slots are real. Every shape is fixed at export, so a static compiler never recompiles.
+
+    from duet_export.runtimes import OnnxVLM
+    vlm = OnnxVLM("bundle")
+    print(vlm.answer("photo.png", "What is in the image?"))
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from duet_export.errors import DuetError
+from duet_export.generate import Answer, GenerationSettings, decode_answer
+from duet_export.inputs import EncodedPrompts, encode_prompts
+from duet_export.runtimes.providers import ProviderSettings
+from duet_export.runtimes.session import Bundle
+
+__all__ = ["DecodeState", "OnnxVLM", "choose_tokens"]
+
+ImageLike = str | os.PathLike | Image.Image
+_HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def choose_tokens(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator) -> np.ndarray:
+    """[B, vocab] logits -> [B] token ids: argmax, or sampling with temperature / top-k / top-p."""
+    if not settings.do_sample:
+        return logits.argmax(axis=-1)
+    scores = logits.astype(np.float64) / max(settings.temperature, 1e-6)
+    if settings.top_k:
+        kth = np.sort(scores, axis=-1)[:, -settings.top_k][:, None]
+        scores = np.where(scores < kth, -np.inf, scores)
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if settings.top_p < 1.0:
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(probs, order, axis=-1)
+        drop_sorted = np.cumsum(sorted_p, axis=-1) - sorted_p > settings.top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        probs = np.where(drop, 0.0, probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(len(p), p=p) for p in probs])
+
+
+@dataclass
+class DecodeState:
+    """The cache between steps: one buffer per layer, one mask per layer group, the slots used so far."""
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    masks: list[np.ndarray]  # [B, capacity_g] int64, 1 on real tokens
+    used: list[int]  # slots filled per group
+    keep_index: dict[str, np.ndarray] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class OnnxVLM:
+    """A bundle ready to answer prompts: `answer(image, prompt)`, `generate(images, prompts)`."""
+
+    def __init__(
+        self,
+        bundle: str | os.PathLike | Bundle,
+        provider: str = "auto",
+        settings: ProviderSettings | None = None,
+        *,
+        on_note: Callable[[str], None] | None = None,
+    ) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, provider, settings)
+        self.manifest = self.bundle.manifest
+        self.processor = self.bundle.processor
+        self.on_note = on_note or (lambda message: None)
+        m = self.manifest
+        self.batch = int(m["batch"])
+        self.prompt_length = int(m["prompt_length"])
+        self.capacity = [int(c) for c in m["cache_capacity"]]
+        self.group_lengths = [int(t) for t in m["group_lengths"]]
+        self.layer_group = [int(g) for g in m["layer_group_of"]]
+        self.layer_groups = [tuple(g) for g in m["layer_groups"]]
+        self.drop_layers = [int(x) for x in m["drop_layers"]]
+        self.max_new_tokens = int(m["options"]["max_new_tokens"])
+        self.float_dtype = np.float16 if m["dtype"] == "float16" else np.float32
+
+    # ----------------------------------------------------------------------------------- inputs
+    def load_image(self, image: ImageLike) -> Image.Image:
+        """An RGB image; other sizes and modes are converted by the checkpoint's processor, with a note."""
+        if not isinstance(image, Image.Image):
+            name = str(image)
+            if not Path(name).is_file():
+                raise DuetError(f"{name}: no such image file")
+            from PIL import UnidentifiedImageError
+
+            try:
+                with Image.open(name) as im:
+                    im.load()
+                    image = im.copy()
+            except (UnidentifiedImageError, OSError):
+                raise DuetError(f"{name} is not an image PIL can read") from None
+        if image.mode in _HIGH_DEPTH_MODES:
+            raise DuetError(
+                f"image mode {image.mode} (more than 8 bits per channel) is refused: the model was trained "
+                "on 8-bit RGB; save the image as 8-bit RGB"
+            )
+        if image.width < 1 or image.height < 1:
+            raise DuetError("the image is empty")
+        h, w = self.manifest["image"]["size"]
+        if image.mode != "RGB":
+            self.on_note(f"image mode {image.mode} converted to RGB")
+            image = image.convert("RGB")
+        if image.size != (w, h):
+            self.on_note(
+                f"image {image.width}x{image.height} resized to the bundle's {w}x{h} by the checkpoint's "
+                "image processor (shortest edge, then center crop)"
+            )
+        return image
+
+    def encode(
+        self, images: Sequence[ImageLike], prompts: Sequence[str], raw: bool = False
+    ) -> EncodedPrompts:
+        """Prompts -> fixed-width arrays (prompt_length wide, one image run of the bundle's token count)."""
+        image = self.manifest["image"]
+        if len(prompts) > self.batch:
+            raise DuetError(f"{len(prompts)} prompts for a bundle exported with --batch {self.batch}")
+        pil = [self.load_image(im) for im in images]
+        enc = encode_prompts(
+            self.processor,
+            int(image["image_token_id"]),
+            pil,
+            prompts,
+            int(image["tokens_per_image"]),
+            raw=raw,
+            width=self.prompt_length,
+        )
+        expected = (len(prompts) * int(image["frames"]), int(image["channels"]), *image["size"])
+        if enc.pixel_values.shape != expected:
+            raise DuetError(
+                f"the processor made pixels of shape {list(enc.pixel_values.shape)}; the bundle takes {list(expected)}"
+            )
+        return enc
+
+    def _pad_batch(self, enc: EncodedPrompts) -> dict[str, np.ndarray]:
+        """Fill the bundle's fixed batch by repeating the first prompt (its rows are discarded)."""
+        n, b = enc.input_ids.shape[0], self.batch
+        rows = list(range(n)) + [0] * (b - n)
+        frames = int(self.manifest["image"]["frames"])
+        pixel_rows = [r * frames + f for r in rows for f in range(frames)]
+        query = enc.query_mask if enc.query_mask is not None else np.zeros_like(enc.input_ids, dtype=bool)
+        return {
+            "input_ids": enc.input_ids[rows],
+            "attention_mask": enc.attention_mask[rows],
+            "query_mask": query[rows],
+            "pixel_values": enc.pixel_values[pixel_rows].astype(self.float_dtype),
+        }
+
+    # ----------------------------------------------------------------------------------- graphs
+    def vision(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.bundle.sessions["vision"].get_outputs()]
+        outs = self.bundle.sessions["vision"].run(None, {"pixel_values": pixel_values})
+        return dict(zip(names, outs, strict=True))
+
+    def prefill(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, DecodeState]:
+        """Vision + prefill -> (last logits [B, vocab], the cache laid out for the step graph)."""
+        timings = {}
+        start = time.perf_counter()
+        vision = self.vision(inputs["pixel_values"])
+        timings["vision"] = time.perf_counter() - start
+        features = vision["image_features"]
+        features = features.reshape(self.batch, -1, features.shape[-1])
+        session = self.bundle.sessions["prefill"]
+        start = time.perf_counter()
+        outs = session.run(
+            None,
+            {
+                "input_ids": inputs["input_ids"],
+                "attention_mask": inputs["attention_mask"],
+                "image_features": features,
+                "query_mask": inputs["query_mask"],
+            },
+        )
+        timings["prefill"] = time.perf_counter() - start
+        named = dict(zip((o.name for o in session.get_outputs()), outs, strict=True))
+        masks = self._group_masks(inputs["attention_mask"], named)
+        state = DecodeState(keys=[], values=[], masks=[], used=list(self.group_lengths), timings=timings)
+        state.keep_index = {k: v for k, v in named.items() if k.startswith("keep_index.")}
+        state.keep_index.update({k: v for k, v in vision.items() if k.startswith("stage1_")})
+        for mask, cap in zip(masks, self.capacity, strict=True):
+            buf = np.zeros((self.batch, cap), dtype=np.int64)
+            buf[:, : mask.shape[1]] = mask
+            state.masks.append(buf)
+        for i, g in enumerate(self.layer_group):
+            for kind, out in (("key", state.keys), ("value", state.values)):
+                present = named[f"present.{i}.{kind}"]
+                buf = np.zeros((*present.shape[:2], self.capacity[g], present.shape[3]), dtype=present.dtype)
+                buf[:, :, : present.shape[2]] = present
+                out.append(buf)
+        return named["logits"][:, -1], state
+
+    def _group_masks(self, attention_mask: np.ndarray, named: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Each group's padding mask: the previous group's, gathered through the drop layer's keep_index."""
+        masks = [attention_mask]
+        for start, _ in self.layer_groups[1:]:
+            index = named.get(f"keep_index.{start}")
+            masks.append(masks[-1] if index is None else np.take_along_axis(masks[-1], index, axis=1))
+        return masks
+
+    def step(self, tokens: np.ndarray, state: DecodeState) -> np.ndarray:
+        """One decode step for [B] tokens; writes the new K/V into the cache, returns logits [B, vocab]."""
+        if any(u >= c for u, c in zip(state.used, self.capacity, strict=True)):
+            raise DuetError(
+                f"the bundle's cache holds {self.max_new_tokens} new tokens (see --max-new-tokens)"
+            )
+        feed = {"input_ids": tokens.reshape(self.batch, 1).astype(np.int64)}
+        for g, mask in enumerate(state.masks):
+            feed[f"past_mask.{g}"] = mask
+        for i in range(len(self.layer_group)):
+            feed[f"past.{i}.key"] = state.keys[i]
+            feed[f"past.{i}.value"] = state.values[i]
+        session = self.bundle.sessions["step"]
+        outs = dict(zip((o.name for o in session.get_outputs()), session.run(None, feed), strict=True))
+        for i, g in enumerate(self.layer_group):
+            slot = state.used[g]
+            state.keys[i][:, :, slot] = outs[f"new.{i}.key"][:, :, 0]
+            state.values[i][:, :, slot] = outs[f"new.{i}.value"][:, :, 0]
+        for g in range(len(state.masks)):
+            state.masks[g][:, state.used[g]] = 1
+            state.used[g] += 1
+        return outs["logits"][:, -1]
+
+    # ----------------------------------------------------------------------------------- generation
+    def generate(
+        self,
+        images: Sequence[ImageLike],
+        prompts: Sequence[str],
+        settings: GenerationSettings | None = None,
+        *,
+        raw: bool = False,
+    ) -> list[Answer]:
+        """One answer per (image, prompt); more prompts than the bundle's batch run in chunks."""
+        settings = settings or GenerationSettings(max_new_tokens=self.max_new_tokens)
+        if len(images) != len(prompts):
+            raise DuetError(f"{len(images)} images for {len(prompts)} prompts")
+        if not 1 <= settings.max_new_tokens <= self.max_new_tokens:
+            raise DuetError(
+                f"max-new-tokens {settings.max_new_tokens}: the bundle was exported for at most "
+                f"{self.max_new_tokens} (export again with a larger --max-new-tokens)"
+            )
+        answers: list[Answer] = []
+        rng = np.random.default_rng(settings.seed)
+        for first in range(0, len(prompts), self.batch):
+            chunk = slice(first, first + self.batch)
+            answers += self._generate_chunk(list(images[chunk]), list(prompts[chunk]), settings, rng, raw)
+        return answers
+
+    def _generate_chunk(self, images, prompts, settings, rng, raw) -> list[Answer]:
+        enc = self.encode(images, prompts, raw=raw)
+        tokens = self.generate_ids(self._pad_batch(enc), settings, rng)[: len(prompts)]
+        tok = self.processor.tokenizer
+        answers = []
+        for row, length in zip(tokens, enc.lengths, strict=True):
+            text, ids = decode_answer(tok, row)
+            answers.append(Answer(text=text, token_ids=ids, prompt_tokens=length, seconds=self.last_seconds))
+        return answers
+
+    def generate_ids(
+        self,
+        inputs: dict[str, np.ndarray],
+        settings: GenerationSettings,
+        rng: np.random.Generator | None = None,
+        *,
+        logits_out: list[np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """The decoding loop on padded inputs -> [B, new] ids (EOS then padding once a row has finished)."""
+        rng = rng or np.random.default_rng(settings.seed)
+        eos = self.manifest["tokens"]["eos_token_id"]
+        pad = self.manifest["tokens"]["pad_token_id"]
+        pad = eos if pad is None else pad
+        start = time.perf_counter()
+        logits, state = self.prefill(inputs)
+        finished = np.zeros(self.batch, dtype=bool)
+        out = []
+        for step in range(settings.max_new_tokens):
+            if logits_out is not None:
+                logits_out.append(logits)
+            chosen = np.where(finished, pad, choose_tokens(logits, settings, rng))
+            out.append(chosen)
+            if eos is not None:
+                finished |= chosen == eos
+            if finished.all() or step == settings.max_new_tokens - 1:
+                break
+            logits = self.step(chosen, state)
+        self.last_seconds = time.perf_counter() - start
+        self.last_state = state
+        return np.stack(out, axis=1)
+
+    def answer(self, image: ImageLike, prompt: str, **settings) -> str:
+        """The answer to one prompt about one image (settings as in `GenerationSettings`)."""
+        if "max_new_tokens" not in settings:
+            settings["max_new_tokens"] = self.max_new_tokens
+        return self.generate([image], [prompt], GenerationSettings(**settings))[0].text

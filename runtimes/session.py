@@ -1,0 +1,79 @@
+"""Open a bundle: check its manifest, load its processor, start one onnxruntime session per graph."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from duet_export.errors import DuetError
+from duet_export.export.manifest import read_manifest
+from duet_export.runtimes.providers import ProviderSettings, select_providers
+
+__all__ = ["Bundle", "open_session"]
+
+GRAPHS = ("vision", "prefill", "step")
+
+
+def open_session(
+    path: str | os.PathLike,
+    providers: list[tuple[str, dict[str, str]]],
+    options: ort.SessionOptions | None = None,
+) -> ort.InferenceSession:
+    """An `InferenceSession`, or a one-line `DuetError` (corrupt file, unsupported op, provider failure)."""
+    options = options or ort.SessionOptions()
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as e:  # onnxruntime raises several unrelated exception types
+        lines = [x for x in str(e).strip().splitlines() if x.strip()] or [e.__class__.__name__]
+        raise DuetError(f"onnxruntime cannot load {Path(path).name}: {lines[0][:300]}") from None
+
+
+@dataclass
+class Bundle:
+    """A bundle on disk, opened: manifest, processor and the three sessions."""
+
+    root: Path
+    manifest: dict[str, Any]
+    processor: Any
+    sessions: dict[str, ort.InferenceSession]
+    provider: str
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        provider: str = "auto",
+        settings: ProviderSettings | None = None,
+        *,
+        verify_digests: bool = False,
+        session_options: ort.SessionOptions | None = None,
+    ) -> Bundle:
+        import transformers
+
+        root = Path(path)
+        manifest = read_manifest(root, verify_digests=verify_digests)
+        missing = [g for g in GRAPHS if g not in manifest.get("graphs", {})]
+        if missing:
+            raise DuetError(f"{root}: the manifest lists no {', '.join(missing)} graph")
+        providers = select_providers(provider, settings)
+        if providers[0][0] == "MIGraphXExecutionProvider" and manifest["target"] != "migraphx":
+            raise DuetError(
+                f"{root} was exported for {manifest['target']}; MIGraphX needs a bundle exported with "
+                "--target migraphx (lowered, static)"
+            )
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(root)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+            raise DuetError(f"{root}: cannot load the tokenizer/processor files: {first[:200]}") from None
+        sessions = {
+            name: open_session(
+                root / manifest["graphs"][name]["files"][0]["name"], providers, session_options
+            )
+            for name in GRAPHS
+        }
+        return cls(root, manifest, processor, sessions, providers[0][0])
