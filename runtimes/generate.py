@@ -24,6 +24,7 @@ from PIL import Image
 from duet_export.errors import DuetError
 from duet_export.generate import Answer, GenerationSettings, decode_answer
 from duet_export.inputs import EncodedPrompts, encode_prompts
+from duet_export.runtimes.binding import BoundSession
 from duet_export.runtimes.providers import ProviderSettings
 from duet_export.runtimes.session import Bundle
 
@@ -76,8 +77,17 @@ class OnnxVLM:
         settings: ProviderSettings | None = None,
         *,
         on_note: Callable[[str], None] | None = None,
+        io_binding: bool | None = None,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, provider, settings)
+        # Fixed buffers for the step graph: required for CUDA-graph replay, optional elsewhere.
+        bind = self.bundle.settings.cuda_graph if io_binding is None else io_binding
+        device = "cuda" if self.bundle.provider == "CUDAExecutionProvider" else "cpu"
+        self._step_runner = (
+            BoundSession(self.bundle.sessions["step"], device, self.bundle.settings.device_id)
+            if bind
+            else None
+        )
         self.manifest = self.bundle.manifest
         self.processor = self.bundle.processor
         self.on_note = on_note or (lambda message: None)
@@ -227,7 +237,10 @@ class OnnxVLM:
             feed[f"past.{i}.key"] = state.keys[i]
             feed[f"past.{i}.value"] = state.values[i]
         session = self.bundle.sessions["step"]
-        outs = dict(zip((o.name for o in session.get_outputs()), session.run(None, feed), strict=True))
+        if self._step_runner is not None:
+            outs = self._step_runner.run(feed)
+        else:
+            outs = dict(zip((o.name for o in session.get_outputs()), session.run(None, feed), strict=True))
         for i, g in enumerate(self.layer_group):
             slot = state.used[g]
             state.keys[i][:, :, slot] = outs[f"new.{i}.key"][:, :, 0]

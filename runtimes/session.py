@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class Bundle:
     processor: Any
     sessions: dict[str, ort.InferenceSession]
     provider: str
+    settings: ProviderSettings
 
     @classmethod
     def open(
@@ -70,10 +71,14 @@ class Bundle:
         except Exception as e:
             first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
             raise DuetError(f"{root}: cannot load the tokenizer/processor files: {first[:200]}") from None
+        # Only the step graph is replayed as a CUDA graph: vision and prefill run once per prompt.
+        once = select_providers(provider, replace(settings, cuda_graph=False)) if settings else providers
         sessions = {
             name: open_session(
-                root / manifest["graphs"][name]["files"][0]["name"], providers, session_options
+                root / manifest["graphs"][name]["files"][0]["name"],
+                providers if name == "step" else once,
+                session_options,
             )
             for name in GRAPHS
         }
-        return cls(root, manifest, processor, sessions, providers[0][0])
+        return cls(root, manifest, processor, sessions, providers[0][0], settings or ProviderSettings())

@@ -154,3 +154,14 @@ def test_sampling_is_seeded(bundles):
     first = vlm.generate(_images(1), PROMPTS[:1], settings)[0].token_ids
     second = vlm.generate(_images(1), PROMPTS[:1], settings)[0].token_ids
     assert first == second
+
+
+def test_io_binding_step_gives_the_same_tokens(bundles):
+    """The fixed-buffer path that CUDA graphs use, exercised on the CPU provider."""
+    plain = OnnxVLM(bundles / "cpu", provider="cpu")
+    bound = OnnxVLM(bundles / "cpu", provider="cpu", io_binding=True)
+    settings = GenerationSettings(max_new_tokens=12)
+    images = [random_image(1), random_image(2, size=80)]
+    assert [a.token_ids for a in bound.generate(images, PROMPTS, settings)] == [
+        a.token_ids for a in plain.generate(images, PROMPTS, settings)
+    ]

@@ -1,0 +1,43 @@
+"""Parity on the CUDA provider (`pytest -m gpu`; needs onnxruntime-gpu and an NVIDIA GPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import NEW_TOKENS, PROMPTS, bundle_config, random_image
+
+from duet_export import GenerationSettings, compress, prepare_inputs
+from duet_export.export.bundle import ExportOptions, export_bundle
+from duet_export.loading import load
+from duet_export.runtimes import OnnxVLM, ProviderSettings
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_bundle_matches_pytorch(tiny_dir, tmp_path, cuda_graph):
+    loaded = load(tiny_dir)
+    cfg = bundle_config(loaded)
+    export_bundle(loaded, tmp_path / "b", cfg, ExportOptions("cuda", 32, NEW_TOKENS, 2), echo=lambda m: None)
+    vlm = OnnxVLM(tmp_path / "b", provider="cuda", settings=ProviderSettings(cuda_graph=cuda_graph))
+    assert vlm.bundle.provider == "CUDAExecutionProvider"
+    images = [random_image(1), random_image(2, size=80)]
+    logits: list[np.ndarray] = []
+    inputs = vlm._pad_batch(vlm.encode(images, PROMPTS))
+    ids = vlm.generate_ids(inputs, GenerationSettings(max_new_tokens=NEW_TOKENS), logits_out=logits)
+    compress(loaded.model, cfg)
+    pt = prepare_inputs(loaded.processor, loaded.adapter, images, PROMPTS, cfg)
+    with torch.no_grad():
+        out = loaded.model.generate(
+            **pt,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=loaded.tokenizer.pad_token_id,
+        )
+    reference = out.sequences[:, pt["input_ids"].shape[1] :].numpy()
+    np.testing.assert_array_equal(ids, reference[:, : ids.shape[1]])
+    for step in range(min(17, len(logits))):
+        np.testing.assert_allclose(logits[step], out.logits[step].numpy(), atol=1e-3, rtol=0)
