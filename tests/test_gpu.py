@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import NEW_TOKENS, PROMPTS, bundle_config, random_image
 
 from duet_export import GenerationSettings, compress, prepare_inputs
 from duet_export.export.bundle import ExportOptions, export_bundle
 from duet_export.loading import load
 from duet_export.runtimes import OnnxVLM, ProviderSettings
+
+from conftest import NEW_TOKENS, PROMPTS, bundle_config, random_image
 
 pytestmark = pytest.mark.gpu
 
