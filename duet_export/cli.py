@@ -314,6 +314,140 @@ def passes_list() -> None:
         click.echo(f"--target {target:<9} {' -> '.join(names)}")
 
 
+@cli.group("data")
+def data_group() -> None:
+    """Build datasets."""
+
+
+@data_group.command("griddigits")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--train-images", type=int, default=3000, show_default=True)
+@click.option("--test-images", type=int, default=300, show_default=True)
+@click.option("--rows", type=int, default=3, show_default=True)
+@click.option("--cols", type=int, default=3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def griddigits_cmd(out_dir, train_images, test_images, rows, cols, seed) -> None:
+    """GridDigits-VQA from scikit-learn's handwritten digits: train.json (LLaVA format) + test.jsonl."""
+    from duet_export.data.griddigits import GridSpec, build_griddigits
+
+    if min(train_images, test_images, rows, cols) < 1:
+        raise DuetError("image counts, rows and cols must be at least 1")
+    spec = GridSpec(rows=rows, cols=cols, train_images=train_images, test_images=test_images, seed=seed)
+    build_griddigits(out_dir, spec, echo=click.echo)
+    click.echo(f"written to {out_dir} ({spec.size[0]}x{spec.size[1]} px images)")
+
+
+def _training_data(data: str, image_folder: str | None):
+    from duet_export.data.records import read_llava_json
+
+    path = Path(data)
+    if path.is_dir():
+        path = path / "train.json"
+    return read_llava_json(path, image_folder)
+
+
+@cli.command("train")
+@click.argument("model_dir", type=click.Path())
+@click.argument("data", type=click.Path())
+@click.option("--output", "-o", type=click.Path(file_okay=False), required=True, help="Checkpoint directory.")
+@budget_options
+@click.option("--no-compress", is_flag=True, help="Train without compression (the baseline).")
+@click.option("--image-folder", type=click.Path(file_okay=False), help="Images (default: beside DATA).")
+@click.option("--steps", type=int, default=1000, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--warmup", type=int, default=50, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option(
+    "--train",
+    "parts",
+    default="projector,llm",
+    show_default=True,
+    help="Parts to train: vision,projector,llm or all.",
+)
+@click.option("--save-steps", type=int, default=500, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
+def train_cmd(
+    model_dir, data, output, no_compress, image_folder, steps, batch_size, lr, warmup, grad_accum, parts,
+    save_steps, seed, resume, **opts,
+) -> None:  # fmt: skip
+    """Fine-tune MODEL_DIR on LLaVA-format DATA with DUET in the forward pass (HF Trainer)."""
+    from duet_export.training import PARTS, TrainSettings, train
+
+    examples = _training_data(data, image_folder)
+    loaded = _load(model_dir)
+    if no_compress and opts.get("budget") is not None:
+        raise DuetError("--no-compress and --budget exclude each other")
+    config = None if no_compress else config_from_options(loaded.adapter, **opts)
+    chosen = PARTS if parts.strip() == "all" else tuple(p.strip() for p in parts.split(",") if p.strip())
+    settings = TrainSettings(
+        steps=steps, batch_size=batch_size, learning_rate=lr, warmup_steps=warmup, train=chosen,
+        save_steps=save_steps, seed=seed, grad_accum=grad_accum, resume=resume,
+    )  # fmt: skip
+    result = train(loaded, examples, output, config, settings, echo=click.echo)
+    click.echo(
+        f"trained {result.steps} steps on {len(examples)} examples: final loss "
+        f"{result.losses[-1] if result.losses else float('nan'):.4f}, median step {result.median_step_seconds:.3f} s; "
+        f"checkpoint in {output}"
+    )
+
+
+@cli.command("eval")
+@click.argument("target", type=click.Path())
+@click.argument("questions", type=click.Path())
+@budget_options
+@click.option("--no-compress", is_flag=True, help="Evaluate the uncompressed model.")
+@click.option("--image-folder", type=click.Path(file_okay=False), help="Images (default: beside QUESTIONS).")
+@click.option("--answers", type=click.Path(dir_okay=False), help="Write the answers as JSONL.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--max-new-tokens", type=int, default=4, show_default=True)
+@click.option("--provider", default="cpu", show_default=True, help="Bundles: onnxruntime provider.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_cmd(
+    target,
+    questions,
+    no_compress,
+    image_folder,
+    answers,
+    batch_size,
+    max_new_tokens,
+    provider,
+    as_json,
+    **opts,
+) -> None:
+    """Accuracy of a checkpoint (with a budget) or of an ONNX bundle on JSONL questions."""
+    from duet_export.data.records import read_questions, write_answers
+    from duet_export.evaluation import evaluate
+
+    qs = read_questions(questions, image_folder)
+    budget_given = any(
+        v not in (None, ()) for k, v in opts.items() if k in ("budget", "dominant", "drop_layers")
+    )
+    if (Path(target) / "manifest.json").is_file():
+        from duet_export.runtimes import OnnxVLM
+
+        if budget_given or no_compress:
+            raise DuetError("a bundle's budget is fixed at export: give no budget options with a bundle")
+        subject, config = OnnxVLM(target, provider), None
+    else:
+        subject = _load(target)
+        config = None if no_compress else config_from_options(subject.adapter, **opts)
+    with click.progressbar(length=len(qs), label="answering", file=click.get_text_stream("stderr")) as bar:
+        state = {"done": 0}
+
+        def progress(done, total):
+            bar.update(done - state["done"])
+            state["done"] = done
+
+        result = evaluate(
+            subject, qs, config, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress
+        )
+    if answers:
+        write_answers(answers, result.answers)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv, prog_name="duet-export")

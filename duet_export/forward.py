@@ -173,7 +173,13 @@ class DuetForward:
         logits = self.adapter.lm_head(self.adapter.final_norm(hidden))
         loss = None
         if labels is not None:
-            loss = self.model.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1])
+            # num_items_in_batch: the HF Trainer's token count across gradient-accumulation steps.
+            loss = self.model.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=logits.shape[-1],
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
     # ----------------------------------------------------------------------------------- prefill

@@ -202,6 +202,7 @@ class TinyLlavaSpec:
     intermediate: int = 128
     max_positions: int = 1024
     init_range: float = 0.2
+    feature_layer: int = -2  # vision_feature_layer, as LLaVA-1.5 (-1: the last layer)
     seed: int = 0
 
 
@@ -236,7 +237,7 @@ def _llava_config(
         vision_config=vision,
         text_config=text,
         image_token_id=image_token_id,
-        vision_feature_layer=-2,
+        vision_feature_layer=spec.feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         initializer_range=spec.init_range,

@@ -132,3 +132,7 @@ class Adapter(ABC):
     @property
     @abstractmethod
     def text_config(self): ...
+
+    @abstractmethod
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The model's parameters by part, for `train --train`: "vision", "projector", "llm"."""

@@ -120,3 +120,11 @@ class LlavaAdapter(Adapter):
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        inner = self.model.model
+        return {
+            "vision": list(inner.vision_tower.parameters()),
+            "projector": list(inner.multi_modal_projector.parameters()),
+            "llm": [*inner.language_model.parameters(), *self.model.lm_head.parameters()],
+        }

@@ -1,0 +1,221 @@
+"""The paper's accuracy table in miniature, on GridDigits-VQA, on a laptop CPU.
+
+Trains a small LLaVA-style model from scratch (CLIP-like tower on 96x96 images, patch 6 -> N = 256
+patches, an 8-layer Llama-like decoder) on GridDigits-VQA, then evaluates side by side at ~67 % and ~89 %
+visual-token reduction (the paper's 192 and 64 of 576, scaled to N):
+
+  full model | Stage 1 only | Stage 2 only | DUET inference-only | DUET trained with compression
+
+"DUET trained" continues the full model's training for `--finetune-steps` more steps with compression in
+the forward pass. Writes table.md, accuracy.png and results.json to --out.
+
+    .venv/bin/python benchmarks/accuracy_table.py --out results/accuracy          # ~35 min on 2 cores
+    .venv/bin/python benchmarks/accuracy_table.py --out /tmp/acc --quick          # smoke test, ~2 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from duet_export.config import DuetConfig
+from duet_export.data.griddigits import GridSpec, build_griddigits
+from duet_export.data.records import read_llava_json, read_questions
+from duet_export.evaluation import evaluate
+from duet_export.loading import load
+from duet_export.stages.budget import report, resolve_budget
+from duet_export.tiny import TinyLlavaSpec, build_tiny_llava
+from duet_export.training import PARTS, TrainSettings, train
+
+MODEL = TinyLlavaSpec(
+    image_size=96,
+    patch_size=6,
+    vision_hidden=64,
+    vision_layers=2,
+    vision_heads=4,
+    text_hidden=128,
+    text_layers=8,
+    text_heads=4,
+    text_kv_heads=2,
+    intermediate=256,
+    init_range=0.02,
+)
+REDUCTIONS = (2 / 3, 8 / 9)  # the paper's 192/576 and 64/576
+
+
+def stage1_only(duet: DuetConfig, budget: int) -> DuetConfig:
+    """V2V alone down to `budget` tokens, with DUET's dominant/contextual split."""
+    share = duet.contextual / (duet.dominant + duet.contextual)
+    contextual = round(budget * share)
+    return DuetConfig(dominant=budget - contextual, contextual=contextual, cluster_width=duet.cluster_width)
+
+
+def stage2_only(geometry, budget: float) -> DuetConfig:
+    """T2V alone (all N patches enter): one drop before layer 1, keeping what meets the budget."""
+    n, layers = geometry.num_patches, geometry.num_layers
+    ratio = max(0.0, (budget * layers / n - 1) / (layers - 1))
+    return DuetConfig(drop_layers=(1,), keep_ratios=(round(ratio, 4),))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("results/accuracy"))
+    ap.add_argument("--quick", action="store_true", help="tiny data and few steps: checks the pipeline only")
+    ap.add_argument("--steps", type=int, default=3000, help="training steps of the full model")
+    ap.add_argument("--finetune-steps", type=int, default=400, help="steps of training with compression")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--train-images", type=int, default=3000)
+    ap.add_argument("--test-images", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.finetune_steps, args.train_images, args.test_images = 30, 10, 60, 8
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    data = out / "data"
+    if not (data / "spec.json").is_file():
+        build_griddigits(
+            data, GridSpec(train_images=args.train_images, test_images=args.test_images, seed=args.seed)
+        )
+    examples = read_llava_json(data / "train.json")
+    questions = read_questions(data / "test.jsonl")
+    print(f"GridDigits-VQA: {len(examples)} training questions, {len(questions)} test questions")
+
+    base = out / "base"
+    if not (base / "config.json").is_file():
+        build_tiny_llava(base, MODEL)
+    full_dir = out / "full"
+    settings = TrainSettings(
+        steps=args.steps, batch_size=args.batch_size, learning_rate=1e-3, warmup_steps=min(100, args.steps // 10),
+        train=PARTS, save_steps=10**9, seed=args.seed, log_steps=max(1, args.steps // 30),
+    )  # fmt: skip
+    full_train = train(load(base), examples, full_dir, None, settings)
+    loaded = load(full_dir)
+    geometry = loaded.adapter.geometry()
+    n = geometry.num_patches
+    print(f"geometry: N={n} patches, L={geometry.num_layers} layers")
+
+    rows = []
+
+    def run(name: str, config: DuetConfig | None, model=None, train_result=None, target=None):
+        result = evaluate(model or loaded, questions, config, batch_size=32)
+        rep = report(config, geometry) if config is not None and config.enabled else None
+        row = {
+            "setting": name,
+            "target_reduction": target,
+            "config": config.to_dict() if config is not None else None,
+            "average_tokens": rep.average_tokens if rep else float(n),
+            "reduction": rep.reduction if rep else 0.0,
+            "accuracy": result.accuracy,
+            "by_kind": result.by_kind,
+            "eval_seconds": result.seconds,
+        }
+        if train_result is not None:
+            row["median_step_seconds"] = train_result.median_step_seconds
+        rows.append(row)
+        print(f"{name:<28} {result.summary()}")
+
+    run("full model", None, train_result=full_train, target=0.0)
+    for reduction in REDUCTIONS:
+        budget = n * (1 - reduction)
+        duet = resolve_budget(budget, geometry, rules=loaded.adapter.rules)
+        visual = round(report(duet, geometry).average_tokens)
+        run("Stage 1 only (V2V)", stage1_only(duet, visual), target=reduction)
+        run("Stage 2 only (T2V)", stage2_only(geometry, budget), target=reduction)
+        run("DUET inference-only", duet, target=reduction)
+        tuned_dir = out / f"duet-trained-{round(100 * reduction)}"
+        tune = TrainSettings(
+            steps=args.finetune_steps, batch_size=args.batch_size, learning_rate=2e-4,
+            warmup_steps=min(20, args.finetune_steps // 5), train=PARTS, save_steps=10**9, seed=args.seed,
+            log_steps=max(1, args.finetune_steps // 10),
+        )  # fmt: skip
+        tuned_train = train(load(full_dir), examples, tuned_dir, duet, tune)
+        run("DUET trained", duet, model=load(tuned_dir), train_result=tuned_train, target=reduction)
+
+    summary = {
+        "rows": rows,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "model": asdict(MODEL),
+        "geometry": {"num_patches": n, "num_layers": geometry.num_layers},
+        "cores": torch.get_num_threads(),
+        "total_minutes": (time.perf_counter() - started) / 60,
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    table = markdown_table(rows, full_train.median_step_seconds, args.batch_size)
+    (out / "table.md").write_text(table)
+    plot(rows, out / "accuracy.png")
+    print(table)
+    print(f"total {summary['total_minutes']:.1f} min; written {out / 'table.md'}, {out / 'accuracy.png'}")
+
+
+def markdown_table(rows: list[dict], full_step: float, batch: int) -> str:
+    full = rows[0]["accuracy"]
+    lines = [
+        "| setting | target reduction | avg visual tokens | reduction | accuracy | % of full | region | presence | count |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kinds = [f"{100 * r['by_kind'].get(k, float('nan')):.1f}" for k in ("region", "presence", "count")]
+        rel = 100 * r["accuracy"] / full if full else float("nan")
+        lines.append(
+            f"| {r['setting']} | {100 * (r['target_reduction'] or 0):.0f} % | {r['average_tokens']:.2f} | "
+            f"{100 * r['reduction']:.1f} % | {100 * r['accuracy']:.2f} % | {rel:.1f} % | "
+            + " | ".join(kinds)
+            + " |"
+        )
+    steps = [r for r in rows if "median_step_seconds" in r and r["setting"] != "full model"]
+    for r in steps:
+        lines.append(
+            f"\nTraining step (batch {batch}, median): full {1000 * full_step:.0f} ms, with DUET at "
+            f"{100 * r['target_reduction']:.0f} % reduction {1000 * r['median_step_seconds']:.0f} ms "
+            f"({full_step / r['median_step_seconds']:.2f}x faster per step)"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    full = rows[0]
+    ax.axhline(
+        100 * full["accuracy"],
+        color="gray",
+        ls="--",
+        lw=1,
+        label=f"full model ({full['average_tokens']:.0f} tokens)",
+    )
+    styles = {
+        "Stage 1 only (V2V)": "s",
+        "Stage 2 only (T2V)": "^",
+        "DUET inference-only": "o",
+        "DUET trained": "*",
+    }
+    for name, marker in styles.items():
+        pts = sorted((r["average_tokens"], 100 * r["accuracy"]) for r in rows if r["setting"] == name)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=marker, ms=8 if marker == "*" else 6, label=name)
+    ax.set_xlabel("average visual tokens per decoder layer")
+    ax.set_ylabel("GridDigits-VQA test accuracy (%)")
+    ax.set_title(f"Accuracy vs visual tokens (N = {round(full['average_tokens'])} patches)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

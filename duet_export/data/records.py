@@ -1,0 +1,123 @@
+"""Read training data (LLaVA instruction JSON + image folder) and evaluation questions (JSONL).
+
+Every malformed record is a one-line `DuetError` that names the file and the record; so is a missing image.
+Only single-turn records are used for training (one human turn with `<image>`, one gpt answer); longer
+conversations are split into (question, answer) pairs that each see the image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from duet_export.errors import DuetError
+
+__all__ = ["Question", "TrainingExample", "read_llava_json", "read_questions", "write_answers"]
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    id: str
+    image: Path
+    question: str  # without the <image> placeholder: the chat template adds it
+    answer: str
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: str
+    image: Path
+    text: str
+    answer: str | None
+    kind: str | None = None  # optional question type, for per-kind accuracy
+
+
+def _image_path(root: Path, name: object, where: str) -> Path:
+    if not isinstance(name, str) or not name:
+        raise DuetError(f"{where}: 'image' must be a file name")
+    path = root / name
+    if not path.is_file():
+        raise DuetError(f"{where}: image {path} does not exist")
+    return path
+
+
+def read_llava_json(
+    path: str | os.PathLike, image_folder: str | os.PathLike | None = None
+) -> list[TrainingExample]:
+    """LLaVA instruction JSON -> examples; images resolve against `image_folder` (default: the JSON's folder)."""
+    path = Path(path)
+    root = Path(image_folder) if image_folder else path.parent
+    try:
+        records = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DuetError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DuetError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise DuetError(f"{path}: expected a JSON list of records")
+    out = []
+    for i, rec in enumerate(records):
+        where = f"{path.name} record {i}" + (f" (id {rec.get('id')!r})" if isinstance(rec, dict) else "")
+        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
+            raise DuetError(f"{where}: needs 'id', 'image' and a 'conversations' list")
+        image = _image_path(root, rec.get("image"), where)
+        turns = rec["conversations"]
+        if len(turns) < 2 or len(turns) % 2:
+            raise DuetError(f"{where}: conversations must alternate human/gpt turns")
+        for t in range(0, len(turns), 2):
+            human, gpt = turns[t], turns[t + 1]
+            if not (isinstance(human, dict) and isinstance(gpt, dict)):
+                raise DuetError(f"{where}: turn {t} is not an object")
+            if human.get("from") != "human" or gpt.get("from") != "gpt":
+                raise DuetError(f"{where}: turn {t} must be from 'human' and turn {t + 1} from 'gpt'")
+            q, a = human.get("value"), gpt.get("value")
+            if not isinstance(q, str) or not isinstance(a, str) or not a.strip():
+                raise DuetError(f"{where}: turn {t} needs string 'value's and a non-empty answer")
+            if t == 0 and IMAGE_PLACEHOLDER not in q:
+                raise DuetError(f"{where}: the first human turn must hold {IMAGE_PLACEHOLDER}")
+            question = q.replace(IMAGE_PLACEHOLDER, "").strip()
+            out.append(TrainingExample(str(rec.get("id", i)), image, question, a.strip()))
+    if not out:
+        raise DuetError(f"{path}: no records")
+    return out
+
+
+def read_questions(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> list[Question]:
+    """JSONL `{"question_id", "image", "text", "answer"?}` -> questions (images against `image_folder`)."""
+    path = Path(path)
+    root = Path(image_folder) if image_folder else path.parent
+    if not path.is_file():
+        raise DuetError(f"{path}: no such file")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path.name} line {n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DuetError(f"{where} is not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or "question_id" not in rec or not isinstance(rec.get("text"), str):
+            raise DuetError(f"{where}: needs 'question_id', 'image' and 'text'")
+        answer = rec.get("answer")
+        if answer is not None and not isinstance(answer, str):
+            raise DuetError(f"{where}: 'answer' must be a string")
+        text = rec["text"].replace(IMAGE_PLACEHOLDER, "").strip()
+        kind = rec.get("kind") if isinstance(rec.get("kind"), str) else None
+        image = _image_path(root, rec.get("image"), where)
+        out.append(Question(str(rec["question_id"]), image, text, answer, kind))
+    if not out:
+        raise DuetError(f"{path}: no questions")
+    return out
+
+
+def write_answers(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Answers as JSONL, written atomically."""
+    from duet_export.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

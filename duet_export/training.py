@@ -1,0 +1,290 @@
+"""Fine-tune with DUET in the forward pass, on the Hugging Face Trainer.
+
+The Trainer is the engine: multi-GPU (DDP, FSDP, DeepSpeed through `accelerate launch`), mixed precision,
+checkpoints in safetensors and exact resumption all come from it. This module only supplies what is DUET's:
+the batches (chat template, K_d + K_c placeholders per image, salient-query mask, labels on the answer
+only), the compressed forward (`compress` before training), which parts train, and a progress line with
+loss and tokens/s.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from duet_export.compress import compress, decompress
+from duet_export.config import DuetConfig
+from duet_export.data.records import TrainingExample
+from duet_export.errors import DuetError
+from duet_export.forward import IGNORE_INDEX
+from duet_export.inputs import encode_prompts
+from duet_export.loading import LoadedModel
+
+__all__ = ["PARTS", "TrainResult", "TrainSettings", "VQACollator", "train"]
+
+PARTS = ("vision", "projector", "llm")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 1000
+    batch_size: int = 16
+    learning_rate: float = 2e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    train: tuple[str, ...] = ("projector", "llm")  # the reference: vision tower frozen
+    save_steps: int = 500
+    seed: int = 0
+    grad_accum: int = 1
+    log_steps: int = 10
+    resume: bool = False
+    progress: bool = True
+    stop_after: int | None = None  # stop (with a checkpoint) at this step, as an interrupted run would
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    tokens_per_second: float = 0.0
+    stopped: bool = False  # stopped early by `stop_after`: no final model was written
+
+    @property
+    def median_step_seconds(self) -> float:
+        return float(np.median(self.step_seconds)) if self.step_seconds else float("nan")
+
+
+class VQACollator:
+    """(image, question, answer) examples -> a left-padded batch with labels on the answer tokens only."""
+
+    def __init__(self, loaded: LoadedModel, config: DuetConfig | None) -> None:
+        self.processor = loaded.processor
+        self.image_token_id = loaded.adapter.image_token_id
+        stage1 = config is not None and config.stage1
+        self.tokens_per_image = config.tokens_per_frame(loaded.adapter.num_patches) if stage1 else None
+        tok = loaded.tokenizer
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.eos = tok.eos_token_id
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        ids = list(self.processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        return ids + ([self.eos] if self.eos is not None else [])
+
+    def __call__(self, examples: Sequence[TrainingExample]) -> dict[str, torch.Tensor]:
+        rows, pixels = [], []
+        for ex in examples:
+            with Image.open(ex.image) as im:
+                image = im.convert("RGB")
+            enc = encode_prompts(
+                self.processor, self.image_token_id, [image], [ex.question], self.tokens_per_image
+            )
+            prompt = enc.input_ids[0].tolist()
+            query = enc.query_mask[0].tolist() if enc.query_mask is not None else [False] * len(prompt)
+            answer = self._answer_ids(ex.answer)
+            rows.append(
+                (prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, query + [False] * len(answer))
+            )
+            pixels.append(enc.pixel_values)
+        width = max(len(r[0]) for r in rows)
+        b = len(rows)
+        ids = torch.full((b, width), self.pad, dtype=torch.long)
+        labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        query = torch.zeros((b, width), dtype=torch.bool)
+        for i, (r_ids, r_labels, r_query) in enumerate(rows):
+            n = len(r_ids)
+            ids[i, width - n :] = torch.tensor(r_ids)
+            labels[i, width - n :] = torch.tensor(r_labels)
+            mask[i, width - n :] = 1
+            query[i, width - n :] = torch.tensor(r_query)
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "pixel_values": torch.from_numpy(np.concatenate(pixels)),
+            "duet_query_mask": query,
+        }
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def _freeze(loaded: LoadedModel, parts: Sequence[str]) -> int:
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise DuetError(
+            f"--train takes a comma-separated subset of {', '.join(PARTS)} (or all); got {list(parts)}"
+        )
+    trainable = 0
+    for name, params in loaded.adapter.parameter_groups().items():
+        for p in params:
+            p.requires_grad_(name in parts)
+            trainable += p.numel() if name in parts else 0
+    return trainable
+
+
+def _callbacks(result: TrainResult, stop_after: int | None):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """Step times and tokens/s for the result and the log line (the Trainer draws the progress bar)."""
+
+        def __init__(self) -> None:
+            self.start = 0.0
+            self.tokens = 0
+            self.seconds = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            result.step_seconds.append(time.perf_counter() - self.start)
+            self.seconds += result.step_seconds[-1]
+            if stop_after is not None and state.global_step >= stop_after:
+                control.should_save = True
+                control.should_training_stop = True
+                result.stopped = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is None:
+                return
+            seen = state.num_input_tokens_seen or 0
+            if "loss" in logs:
+                result.losses.append(float(logs["loss"]))
+                rate = (seen - self.tokens) / max(self.seconds, 1e-9)
+                logs["tokens_per_s"] = round(rate, 1)
+                result.tokens_per_second = rate
+                self.tokens, self.seconds = seen, 0.0
+
+    return [Progress()]
+
+
+def train(
+    loaded: LoadedModel,
+    examples: Sequence[TrainingExample],
+    output_dir: str | os.PathLike,
+    config: DuetConfig | None,
+    settings: TrainSettings | None = None,
+    echo: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train `loaded` on `examples` with `config` active (None: uncompressed); write a checkpoint to `output_dir`.
+
+    Intermediate checkpoints (model, optimizer, scheduler, RNG) go to `output_dir/checkpoints`; `resume`
+    continues from the last one exactly. The final model, processor and `duet_config.json` land in
+    `output_dir` itself, which `compress`, `inspect`, `export` and `eval` then accept.
+    """
+    from transformers import Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    settings = settings or TrainSettings()
+    if settings.steps < 1 or settings.batch_size < 1:
+        raise DuetError("--steps and --batch-size must be at least 1")
+    out = Path(output_dir)
+    checkpoints = out / "checkpoints"
+    if settings.resume and not any(checkpoints.glob("checkpoint-*")):
+        raise DuetError(f"--resume: no checkpoint under {checkpoints}")
+    if not settings.resume and checkpoints.exists():
+        raise DuetError(f"{checkpoints} exists: pass --resume to continue that run, or choose a new output")
+    model = loaded.model
+    trainable = _freeze(loaded, settings.train)
+    if config is not None and config.enabled:
+        compress(model, config)
+    else:
+        decompress(model)
+    echo(
+        f"training {trainable:,} parameters ({', '.join(settings.train)}), "
+        + (config.describe() if config else "uncompressed")
+    )
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate,
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        lr_scheduler_type="cosine",
+        logging_steps=settings.log_steps,
+        save_steps=settings.save_steps,
+        save_strategy="steps",
+        seed=settings.seed,
+        data_seed=settings.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=not settings.progress,
+        include_num_input_tokens_seen=True,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    result = TrainResult(output_dir=out, steps=settings.steps)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_ListDataset(examples),
+        data_collator=VQACollator(loaded, config if config is not None and config.enabled else None),
+        callbacks=_callbacks(result, settings.stop_after),
+    )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    resume_from = _restore_weights(loaded, checkpoints) if settings.resume else None
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.eval()
+    if not result.stopped:
+        _save_final(loaded, out, config)
+    return result
+
+
+def _restore_weights(loaded: LoadedModel, checkpoints: Path) -> str:
+    """Load the last checkpoint's weights through `from_pretrained` and return its path.
+
+    transformers 5 saves LLaVA weights under their original (legacy) names and renames them on
+    `from_pretrained`; the Trainer's own resume loads the file non-strictly without that renaming and would
+    silently keep the current weights. Optimizer, scheduler, RNG and data position still come from the
+    Trainer.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(checkpoints))
+    if last is None:
+        raise DuetError(f"--resume: no checkpoint under {checkpoints}")
+    saved = type(loaded.model).from_pretrained(last, dtype=next(loaded.model.parameters()).dtype)
+    missing, unexpected = loaded.model.load_state_dict(saved.state_dict(), strict=False)
+    if missing or unexpected:
+        raise DuetError(f"--resume: {last} does not match the model ({len(missing)} missing weights)")
+    return last
+
+
+def _save_final(loaded: LoadedModel, out: Path, config: DuetConfig | None) -> None:
+    """Write model + processor into a temporary folder, then move each complete file into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".final-"))
+    try:
+        loaded.model.save_pretrained(tmp)
+        loaded.processor.save_pretrained(tmp)
+        (tmp / "duet_config.json").write_text(config.to_json() if config is not None else "null")
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,202 @@
+"""Data, training with DUET in the loop, resumption, and evaluation of models and bundles."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from duet_export.cli import cli
+from duet_export.data.griddigits import GridSpec, build_griddigits
+from duet_export.data.records import read_llava_json, read_questions
+from duet_export.evaluation import evaluate, normalize_answer
+from duet_export.export.bundle import ExportOptions, export_bundle
+from duet_export.loading import load
+from duet_export.runtimes import OnnxVLM
+from duet_export.training import TrainSettings, train
+
+from conftest import bundle_config
+
+SPEC = GridSpec(rows=2, cols=2, cell=32, digit=24, train_images=12, test_images=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "grid"
+    build_griddigits(path, SPEC, echo=lambda m: None)
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_griddigits_is_deterministic_and_splits_are_disjoint(grid, tmp_path):
+    again = tmp_path / "again"
+    build_griddigits(again, SPEC, echo=lambda m: None)
+    for name in ("train.json", "test.jsonl", "spec.json"):
+        assert (grid / name).read_bytes() == (again / name).read_bytes(), name
+    for image in sorted((grid / "images").iterdir())[:5]:
+        assert image.read_bytes() == (again / "images" / image.name).read_bytes()
+    splits = json.loads((grid / "spec.json").read_text())["splits"]
+    assert not set(splits["train"]["scans"]) & set(splits["test"]["scans"])
+    questions = read_questions(grid / "test.jsonl")
+    assert {q.kind for q in questions} == {"region", "presence", "count"}
+    presence = [q.answer for q in read_questions(grid / "test.jsonl") if q.kind == "presence"]
+    assert set(presence) <= {"yes", "no"}
+    examples = read_llava_json(grid / "train.json")
+    assert len(examples) == 3 * SPEC.train_images and all(e.image.is_file() for e in examples)
+
+
+def _weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tiny_dir, grid, tmp_path):
+    loaded = load(tiny_dir)
+    examples = read_llava_json(grid / "train.json")[:8]
+    settings = TrainSettings(
+        steps=20, batch_size=4, learning_rate=3e-3, warmup_steps=0, log_steps=5, progress=False
+    )
+    result = train(loaded, examples, tmp_path / "run", bundle_config(loaded), settings, echo=lambda m: None)
+    assert len(result.losses) == 4 and result.losses[-1] < result.losses[0]
+    assert len(result.step_seconds) == 20
+    reloaded = load(tmp_path / "run")  # a normal HF checkpoint directory
+    assert reloaded.adapter.family == "llava"
+    assert json.loads((tmp_path / "run" / "duet_config.json").read_text())["drop_layers"] == [4, 6]
+
+
+def test_frozen_parts_do_not_change(tiny_dir, grid, tmp_path):
+    loaded = load(tiny_dir)
+    before = {k: v.clone() for k, v in loaded.model.model.vision_tower.state_dict().items()}
+    examples = read_llava_json(grid / "train.json")[:4]
+    settings = TrainSettings(steps=2, batch_size=2, warmup_steps=0, progress=False)  # projector + llm
+    train(loaded, examples, tmp_path / "run", None, settings, echo=lambda m: None)
+    after = loaded.model.model.vision_tower.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_equals_uninterrupted(tiny_dir, grid, tmp_path):
+    examples = read_llava_json(grid / "train.json")[:12]
+    cfg = bundle_config(load(tiny_dir))
+    base = dict(
+        steps=6, batch_size=2, learning_rate=1e-3, warmup_steps=2, save_steps=3, progress=False, log_steps=1
+    )
+    train(load(tiny_dir), examples, tmp_path / "straight", cfg, TrainSettings(**base), echo=lambda m: None)
+    first = train(
+        load(tiny_dir),
+        examples,
+        tmp_path / "resumed",
+        cfg,
+        TrainSettings(**base, stop_after=3),
+        echo=lambda m: None,
+    )
+    assert first.stopped and not (tmp_path / "resumed" / "model.safetensors").exists()
+    train(
+        load(tiny_dir),
+        examples,
+        tmp_path / "resumed",
+        cfg,
+        TrainSettings(**base, resume=True),
+        echo=lambda m: None,
+    )
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+
+
+def test_eval_of_bundle_equals_eval_of_pytorch_model(tiny_dir, grid, tmp_path):
+    loaded = load(tiny_dir)
+    cfg = bundle_config(loaded)
+    questions = read_questions(grid / "test.jsonl")
+    pytorch = evaluate(loaded, questions, cfg, batch_size=4, max_new_tokens=3)
+    export_bundle(loaded, tmp_path / "b", cfg, ExportOptions("cpu", 32, 3, 2), echo=lambda m: None)
+    onnx = evaluate(OnnxVLM(tmp_path / "b", "cpu"), questions, None, max_new_tokens=3)
+    assert [a["answer"] for a in onnx.answers] == [a["answer"] for a in pytorch.answers]
+    assert onnx.accuracy == pytorch.accuracy
+    assert onnx.average_tokens == pytorch.average_tokens and 0.6 < onnx.reduction < 0.7
+
+
+def test_normalize_answer():
+    assert normalize_answer(" Seven.") == "7"
+    assert normalize_answer("Yes, there is") == "yes"
+    assert normalize_answer("") == ""
+
+
+def test_train_and_eval_cli(tiny_dir, grid, tmp_path):
+    out = tmp_path / "ckpt"
+    result = run(
+        "train", tiny_dir, grid, "-o", out, "--budget", 21, "--steps", 2, "--batch-size", 2, "--save-steps", 1
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file() and (out / "checkpoints" / "checkpoint-2").is_dir()
+    answers = tmp_path / "answers.jsonl"
+    result = run("eval", out, grid / "test.jsonl", "--budget", 21, "--answers", answers, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["total"] == 3 * SPEC.test_images and 0 <= info["accuracy"] <= 1
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert len(rows) == info["total"] and {"question_id", "answer", "expected", "correct"} <= rows[0].keys()
+    result = run("train", tiny_dir, grid, "-o", out, "--budget", 21, "--steps", 2)
+    assert result.exit_code == 2 and "--resume" in result.stderr
+
+
+def _bad(tmp_path, grid, records):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records) if not isinstance(records, str) else records)
+    return run("train", "unused-model", path, "-o", tmp_path / "o", "--budget", 21, "--image-folder", grid)
+
+
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ("{oops", "is not valid JSON"),
+        ({"id": 1}, "expected a JSON list"),
+        ([{"id": "a", "image": "images/train_00000.png"}], "record 0 (id 'a'): needs"),
+        (
+            [{"id": "b", "image": "missing.png", "conversations": []}],
+            "record 0 (id 'b'): image",
+        ),
+        (
+            [
+                {
+                    "id": "c",
+                    "image": "images/train_00000.png",
+                    "conversations": [{"from": "human", "value": "hi"}],
+                }
+            ],
+            "alternate",
+        ),
+        (
+            [
+                {
+                    "id": "d",
+                    "image": "images/train_00000.png",
+                    "conversations": [
+                        {"from": "human", "value": "no placeholder"},
+                        {"from": "gpt", "value": "7"},
+                    ],
+                }
+            ],
+            "must hold <image>",
+        ),
+    ],
+)
+def test_malformed_training_data(tmp_path, grid, records, message):
+    result = _bad(tmp_path, grid, records)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_malformed_questions(tiny_dir, tmp_path, grid):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question_id": 1, "image": "images/test_00000.png", "text": "hi"}\n{broken\n')
+    result = run("eval", tiny_dir, path, "--budget", 21, "--image-folder", grid)
+    assert result.exit_code == 2 and "q.jsonl line 2 is not valid JSON" in result.stderr
+    path.write_text('{"question_id": 1, "image": "nope.png", "text": "hi"}\n')
+    result = run("eval", tiny_dir, path, "--budget", 21, "--image-folder", grid)
+    assert result.exit_code == 2 and "line 1: image" in result.stderr
