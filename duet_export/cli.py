@@ -448,6 +448,49 @@ def eval_cmd(
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
 
 
+@cli.command("bench")
+@click.argument("model_dir", required=False, type=click.Path())
+@click.option("--shape", help="A named random model instead of MODEL_DIR (llava-1.5-mini, llava-1.5-7b).")
+@click.option(
+    "--budget", "budgets", type=float, multiple=True, help="Budgets to compare (default: N/3 and N/9)."
+)
+@click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
+@click.option("--repeats", type=int, default=7, show_default=True)
+@click.option("--warmup", type=int, default=2, show_default=True)
+@click.option("--prompt-tokens", type=int, default=32, show_default=True)
+@click.option("--decode-tokens", type=int, default=8, show_default=True)
+@click.option("--provider", default="cpu", show_default=True)
+@click.option("--no-eager", is_flag=True, help="Skip the PyTorch eager measurements.")
+@click.option("--no-memory", is_flag=True, help="Skip the peak-memory subprocesses.")
+@click.option("--no-overhead", is_flag=True, help="Skip the profiling of the stage nodes.")
+@click.option("--no-sweep", is_flag=True, help="Skip the prompt-length and resolution sweep.")
+def bench_cmd(
+    model_dir, shape, budgets, out, repeats, warmup, prompt_tokens, decode_tokens, provider, **flags
+) -> None:
+    """Speed, memory and FLOPs of compressed bundles against the full model, side by side."""
+    from duet_export.bench.report import format_report, plot_report
+    from duet_export.bench.run import BenchSettings, check_source, run_bench
+
+    if (model_dir is None) == (shape is None):
+        raise DuetError("give MODEL_DIR or --shape (e.g. --shape llava-1.5-mini)")
+    source = shape or model_dir
+    check_source(source)
+    if repeats < 1 or warmup < 0 or decode_tokens < 1 or prompt_tokens < 1:
+        raise DuetError("--repeats, --decode-tokens and --prompt-tokens must be at least 1")
+    settings = BenchSettings(
+        budgets=tuple(budgets), repeats=repeats, warmup=warmup, decode_tokens=decode_tokens,
+        prompt_tokens=prompt_tokens, provider=provider, eager=not flags["no_eager"],
+        memory=not flags["no_memory"], overhead=not flags["no_overhead"], sweep=not flags["no_sweep"],
+    )  # fmt: skip
+    out_dir = Path(out)
+    result = run_bench(source, out_dir, settings, echo=click.echo)
+    table = format_report(result)
+    (out_dir / "bench.md").write_text(table)
+    plot_report(result, out_dir / "bench.png")
+    click.echo(table)
+    click.echo(f"written {out_dir / 'bench.json'}, {out_dir / 'bench.md'}, {out_dir / 'bench.png'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv, prog_name="duet-export")

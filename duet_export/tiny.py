@@ -147,6 +147,7 @@ _WORDS = [
     "small",
     "big",
     "little",
+    "read",
 ]
 
 
@@ -195,6 +196,7 @@ class TinyLlavaSpec:
     vision_hidden: int = 32
     vision_layers: int = 3
     vision_heads: int = 4
+    vision_intermediate: int | None = None  # default: 2 x vision_hidden
     text_hidden: int = 64
     text_layers: int = 8
     text_heads: int = 4
@@ -211,7 +213,7 @@ def _llava_config(
 ):
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
-        intermediate_size=2 * spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
         num_hidden_layers=spec.vision_layers,
         num_attention_heads=spec.vision_heads,
         image_size=spec.image_size,

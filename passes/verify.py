@@ -57,7 +57,9 @@ def _static(shape: ir.Shape | None) -> bool:
 
 
 class VerifyPass(ir.passes.InPlacePass):
-    """Check a model against a target; the result is in `self.report` (the model is not changed).
+    """Check a graph against a target: checker, opset, static shapes, supported ops, constant inputs.
+
+    The findings are in `self.report`; the model is not changed.
 
     Rules:
     1. checker: the ONNX checker accepts the model (skipped above 2 GiB in memory; `check` runs it on files).
@@ -93,7 +95,12 @@ class VerifyPass(ir.passes.InPlacePass):
             if node.domain == DOMAIN:
                 has_body = (node.domain, node.op_type, node.overload) in model.functions
                 if not (table.keeps_duet_nodes and has_body):
-                    key = f"{DOMAIN}.{node.op_type}" + ("" if has_body else " (no function body)")
+                    why = (
+                        " (no function body)"
+                        if not has_body
+                        else " (lower it: export with --target cuda/migraphx)"
+                    )
+                    key = f"{DOMAIN}.{node.op_type}{why}"
                     unsupported[key] = unsupported.get(key, 0) + 1
             elif node.domain not in ("", "ai.onnx") or node.op_type not in table.ops:
                 key = f"{node.domain + '.' if node.domain else ''}{node.op_type}"

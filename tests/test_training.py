@@ -48,7 +48,8 @@ def test_griddigits_is_deterministic_and_splits_are_disjoint(grid, tmp_path):
     presence = [q.answer for q in read_questions(grid / "test.jsonl") if q.kind == "presence"]
     assert set(presence) <= {"yes", "no"}
     examples = read_llava_json(grid / "train.json")
-    assert len(examples) == 3 * SPEC.train_images and all(e.image.is_file() for e in examples)
+    assert len(examples) == 4 * SPEC.train_images and all(e.image.is_file() for e in examples)
+    assert sum(e.question == "Read the grid." for e in examples) == SPEC.train_images
 
 
 def _weights(path):

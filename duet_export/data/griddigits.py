@@ -7,6 +7,10 @@ empty background. Three kinds of questions, each answered with one word:
 - presence: "Is there a 7 in the image?"                 -> "yes" / "no" (balanced, POPE style)
 - count:    "How many cells show a 7?"                   -> "0".."9"
 
+Training images also get "Read the grid." answered with every cell in reading order ("4 - 7 0 ..."): the
+dense supervision a captioning stage gives real VLMs, without which a model trained from scratch learns
+only the answer priors for a long while. Test questions are the three kinds above.
+
 Train and test images draw their digits from disjoint halves of the scans, so the test measures reading
 digits never seen in training. Everything is seeded: the same arguments give the same files.
 """
@@ -32,6 +36,8 @@ class GridSpec:
     cell: int = 32  # pixels per cell; the digit is scaled to `digit` pixels inside it
     digit: int = 24
     empty: float = 0.25  # probability that a cell is empty
+    align: int = 0  # >0: digits sit on a grid of this many pixels (e.g. the model's patch size)
+    transcribe: bool = True  # training images also get "Read the grid." -> every cell in reading order
     train_images: int = 3000
     test_images: int = 300
     seed: int = 0
@@ -59,20 +65,29 @@ def render_grid(
         for c in range(spec.cols):
             if picks[r, c] < 0:
                 continue
-            glyph = Image.fromarray((scans[picks[r, c]] * 255).astype(np.uint8)).resize(
-                (spec.digit, spec.digit), Image.BILINEAR
-            )
-            dy, dx = rng.integers(0, margin + 1, 2)
+            glyph = Image.fromarray((scans[picks[r, c]] * 255).astype(np.uint8))
+            if spec.digit != glyph.width:
+                glyph = glyph.resize((spec.digit, spec.digit), Image.BILINEAR)
+            if spec.align:
+                dy, dx = spec.align * rng.integers(0, margin // spec.align + 1, 2)
+            else:
+                dy, dx = rng.integers(0, margin + 1, 2)
             y, x = r * spec.cell + dy, c * spec.cell + dx
             ink = np.asarray(glyph, dtype=np.float32) / 255.0
             canvas[y : y + spec.digit, x : x + spec.digit] *= 1.0 - 0.85 * ink
     return Image.fromarray(canvas.astype(np.uint8)).convert("RGB")
 
 
-def _questions(spec: GridSpec, labels: np.ndarray, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """(kind, question, answer) for one grid: one region, one presence and one count question."""
+def _questions(
+    spec: GridSpec, labels: np.ndarray, rng: np.random.Generator, transcribe: bool
+) -> list[tuple[str, str, str]]:
+    """(kind, question, answer) for one grid: one region, one presence and one count question (and, for
+    training, a transcription: the dense supervision that LLaVA's captioning stage gives real models)."""
     filled = [(r, c) for r in range(spec.rows) for c in range(spec.cols) if labels[r, c] >= 0]
     out = []
+    if transcribe:
+        cells = " ".join(str(x) if x >= 0 else "-" for x in labels.ravel())
+        out.append(("transcribe", "Read the grid.", cells))
     if filled:
         r, c = filled[rng.integers(len(filled))]
         out.append(("region", f"What digit is in row {r + 1}, column {c + 1}?", str(labels[r, c])))
@@ -105,7 +120,8 @@ def build_griddigits(out_dir: str | os.PathLike, spec: GridSpec | None = None, e
                 labels = np.where(picks >= 0, targets[np.maximum(picks, 0)], -1)
                 name = f"{split}_{i:05d}.png"
                 render_grid(spec, scans, picks, rng).save(tmp / "images" / name)
-                for k, (kind, q, a) in enumerate(_questions(spec, labels, rng)):
+                asks = _questions(spec, labels, rng, transcribe=spec.transcribe and split == "train")
+                for k, (kind, q, a) in enumerate(asks):
                     kinds[kind] = kinds.get(kind, 0) + 1
                     records.append(
                         {"id": f"{split}-{i}-{k}", "kind": kind, "image": f"images/{name}", "q": q, "a": a}

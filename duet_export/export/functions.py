@@ -98,6 +98,9 @@ class _Body:
 def _function(
     name: str, overload: str, inputs: list[str], outputs: list[str], body: _Body
 ) -> onnx.FunctionProto:
+    for i, node in enumerate(body.nodes):
+        # Named after their op so that profiles and lowered graphs can attribute time to the stages.
+        node.name = f"{name}.{overload}/{node.op_type}_{i}"
     fn = helper.make_function(
         DOMAIN, name, inputs, outputs, body.nodes, [helper.make_opsetid("", FUNCTION_OPSET)]
     )

@@ -1,0 +1,45 @@
+"""Peak memory of one configuration, measured in a fresh process (`python -m duet_export.bench.memory`).
+
+Peak resident memory is a high-water mark per process, so each configuration runs alone: load, answer one
+prompt, report `ru_maxrss`. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def main(argv: list[str]) -> None:
+    kind, path, prompt, image_path = argv[:4]
+    config_json = argv[4] if len(argv) > 4 else "null"
+    from PIL import Image
+
+    image = Image.open(image_path).convert("RGB")
+    if kind == "onnx":
+        from duet_export.generate import GenerationSettings
+        from duet_export.runtimes import OnnxVLM
+
+        vlm = OnnxVLM(path, provider="cpu")
+        vlm.generate([image], [prompt], GenerationSettings(max_new_tokens=4))
+    else:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        from duet_export import DuetConfig, GenerationSettings, compress, generate_answers, load
+
+        loaded = load(path)
+        config = json.loads(config_json)
+        if config is not None:
+            compress(loaded.model, DuetConfig.from_dict(config))
+        generate_answers(loaded, [image], [prompt], GenerationSettings(max_new_tokens=4))
+    print(json.dumps({"peak_rss_mb": round(_peak_mb(), 1)}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
