@@ -49,7 +49,12 @@ def positions_from_mask(mask: torch.Tensor | None, batch: int, length: int, devi
 
 
 def causal_mask(
-    mask: torch.Tensor | None, q_len: int, kv_len: int, device, static: bool = False
+    mask: torch.Tensor | None,
+    q_len: int,
+    kv_len: int,
+    device,
+    static: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor | None:
     """A [B, 1, q, kv] boolean mask (True = attend) for SDPA, or None where plain causal attention is right.
 
@@ -66,6 +71,11 @@ def causal_mask(
     queries = torch.arange(q_len, device=device).unsqueeze(1) + past
     allowed = (keys <= queries).unsqueeze(0) & mask.bool().unsqueeze(1)
     allowed |= (keys == queries).unsqueeze(0)
+    if static:
+        # Exported graphs get an additive float mask: SDPA then lowers to Add + Softmax, where a boolean
+        # mask costs a Where and a NaN guard on every [B, H, q, kv] score tensor (a quarter of prefill time).
+        blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+        return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), blocked).unsqueeze(1)
     return allowed.unsqueeze(1)
 
 
@@ -237,7 +247,9 @@ class DuetForward:
                 seq, visual_count = self._drop(seq, start, visual_count, self.group_tokens[g], trace)
             cos_sin = self.adapter.rotary(seq.hidden, seq.positions)
             length = seq.hidden.shape[1]
-            mask4 = causal_mask(seq.pad, length, length, seq.hidden.device, static=static)
+            mask4 = causal_mask(
+                seq.pad, length, length, seq.hidden.device, static=static, dtype=seq.hidden.dtype
+            )
             hidden = seq.hidden
             for layer in self.adapter.decoder_layers[start:end]:
                 hidden = layer(

@@ -1,7 +1,7 @@
 """Peak memory of one configuration, measured in a fresh process (`python -m duet_export.bench.memory`).
 
 Peak resident memory is a high-water mark per process, so each configuration runs alone: load, answer one
-prompt, report `ru_maxrss`. Prints one JSON line.
+prompt, report the peak (VmHWM). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -12,7 +12,15 @@ import sys
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    """This process's own high-water mark. `ru_maxrss` would not do: Linux carries the parent's peak
+    across fork and exec, so every child of a large benchmark process would report the parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def main(argv: list[str]) -> None:

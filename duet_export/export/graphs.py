@@ -102,7 +102,7 @@ class StepGraph(nn.Module):
             mask = mask.bool()
             positions = mask.long().sum(dim=1, keepdim=True)
             full = torch.cat([mask, torch.ones((b, 1), dtype=torch.bool, device=mask.device)], dim=1)
-            mask4 = causal_mask(full, 1, full.shape[1], mask.device, static=True)
+            mask4 = causal_mask(full, 1, full.shape[1], mask.device, static=True, dtype=hidden.dtype)
             cos_sin = adapter.rotary(hidden, positions)
             for layer in adapter.decoder_layers[start:end]:
                 hidden = layer(
