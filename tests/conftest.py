@@ -64,3 +64,20 @@ def bundles(tiny_dir, tmp_path_factory):
     export_bundle(loaded, root / "migraphx", cfg, ExportOptions("migraphx", 32, NEW_TOKENS, 1), echo=quiet)
     export_bundle(loaded, root / "full", None, ExportOptions("cpu", 32, NEW_TOKENS, 2), echo=quiet)
     return root
+
+
+def reference_generate(loaded, inputs, new_tokens: int):
+    """Greedy PyTorch `generate()` -> (new token ids [B, n] as numpy, per-step logits as numpy)."""
+    import torch
+
+    with torch.no_grad():
+        out = loaded.model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=loaded.tokenizer.pad_token_id,
+        )
+    ids = out.sequences[:, inputs["input_ids"].shape[1] :].numpy()
+    return ids, [x.numpy() for x in out.logits]

@@ -12,7 +12,7 @@ from duet_export.forward import DuetTrace
 from duet_export.loading import load
 from duet_export.runtimes import OnnxVLM
 
-from conftest import NEW_TOKENS, PROMPTS, bundle_config, random_image
+from conftest import NEW_TOKENS, PROMPTS, bundle_config, random_image, reference_generate
 
 STEPS = 17  # the prefill's logits + 16 decode steps
 
@@ -71,20 +71,11 @@ def test_logits_and_greedy_tokens_equal_pytorch(bundles, tiny_dir, target, batch
     ids = vlm.generate_ids(inputs, GenerationSettings(max_new_tokens=NEW_TOKENS), logits_out=logits)[:batch]
 
     loaded, pt_inputs = _pytorch(tiny_dir, images, prompts, compressed=True)
-    with torch.no_grad():
-        out = loaded.model.generate(
-            **pt_inputs,
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=loaded.tokenizer.pad_token_id,
-        )
-    reference = out.sequences[:, pt_inputs["input_ids"].shape[1] :].numpy()
+    reference, reference_logits = reference_generate(loaded, pt_inputs, NEW_TOKENS)
     np.testing.assert_array_equal(ids, reference[:, : ids.shape[1]])
     assert ids.shape[1] == reference.shape[1]
     for step in range(min(STEPS, len(logits))):
-        np.testing.assert_allclose(logits[step][:batch], out.logits[step].numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(logits[step][:batch], reference_logits[step], atol=1e-4, rtol=0)
     assert len(logits) >= STEPS, "generation stopped before 16 decode steps: pick prompts that do not hit EOS"
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from duet_export import GenerationSettings, compress, prepare_inputs
 from duet_export.export.bundle import ExportOptions, export_bundle
 from duet_export.loading import load
 from duet_export.runtimes import OnnxVLM, ProviderSettings
 
-from conftest import NEW_TOKENS, PROMPTS, bundle_config, random_image
+from conftest import NEW_TOKENS, PROMPTS, bundle_config, random_image, reference_generate
 
 pytestmark = pytest.mark.gpu
 
@@ -29,16 +28,7 @@ def test_cuda_bundle_matches_pytorch(tiny_dir, tmp_path, cuda_graph):
     ids = vlm.generate_ids(inputs, GenerationSettings(max_new_tokens=NEW_TOKENS), logits_out=logits)
     compress(loaded.model, cfg)
     pt = prepare_inputs(loaded.processor, loaded.adapter, images, PROMPTS, cfg)
-    with torch.no_grad():
-        out = loaded.model.generate(
-            **pt,
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=loaded.tokenizer.pad_token_id,
-        )
-    reference = out.sequences[:, pt["input_ids"].shape[1] :].numpy()
+    reference, reference_logits = reference_generate(loaded, pt, NEW_TOKENS)
     np.testing.assert_array_equal(ids, reference[:, : ids.shape[1]])
     for step in range(min(17, len(logits))):
-        np.testing.assert_allclose(logits[step], out.logits[step].numpy(), atol=1e-3, rtol=0)
+        np.testing.assert_allclose(logits[step], reference_logits[step], atol=1e-3, rtol=0)
