@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from duet_export.answers import Answer, GenerationSettings, decode_answer
 from duet_export.errors import DuetError
-from duet_export.generate import Answer, GenerationSettings, decode_answer
-from duet_export.inputs import EncodedPrompts, encode_prompts
+from duet_export.prompts import EncodedPrompts, encode_prompts
 from duet_export.runtimes.binding import BoundSession
 from duet_export.runtimes.providers import ProviderSettings
 from duet_export.runtimes.session import Bundle

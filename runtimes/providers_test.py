@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from duet_export.answers import GenerationSettings
 from duet_export.errors import DuetError
-from duet_export.generate import GenerationSettings
 from duet_export.runtimes import generate, providers
 from duet_export.runtimes.providers import ProviderSettings, select_providers
 

@@ -168,3 +168,19 @@ def test_more_new_tokens_than_the_bundle_holds(bundles, image_file):
         run("run", bundles / "cpu", "--image", image_file, "--prompt", "hi", "--max-new-tokens", 999),
         "--max-new-tokens",
     )
+
+
+def test_runtime_needs_no_torch(bundles, image_file):
+    """A deployment needs onnxruntime, tokenizers and Pillow only: the runtime imports and answers without torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # as if torch were not installed
+        "from duet_export.runtimes import OnnxVLM\n"
+        f"print(repr(OnnxVLM({str(bundles / 'cpu')!r}, 'cpu').answer({str(image_file)!r}, 'What digit?', max_new_tokens=2)))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' and sys.modules[m] is not None))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -15,9 +15,10 @@ def _peak_mb() -> float:
     """This process's own high-water mark. `ru_maxrss` would not do: Linux carries the parent's peak
     across fork and exec, so every child of a large benchmark process would report the parent's peak."""
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
