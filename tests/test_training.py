@@ -47,6 +47,8 @@ def test_griddigits_is_deterministic_and_splits_are_disjoint(grid, tmp_path):
     assert {q.kind for q in questions} == {"region", "presence", "count"}
     presence = [q.answer for q in read_questions(grid / "test.jsonl") if q.kind == "presence"]
     assert set(presence) <= {"yes", "no"}
+    layout = [json.loads(line) for line in (grid / "train_layout.jsonl").read_text().splitlines()]
+    assert len(layout) == SPEC.train_images and all(len(box) == 4 for r in layout for box in r["digits"])
     examples = read_llava_json(grid / "train.json")
     assert len(examples) == 4 * SPEC.train_images and all(e.image.is_file() for e in examples)
     assert sum(e.question == "Read the grid." for e in examples) == SPEC.train_images
@@ -201,3 +203,21 @@ def test_malformed_questions(tiny_dir, tmp_path, grid):
     path.write_text('{"question_id": 1, "image": "nope.png", "text": "hi"}\n')
     result = run("eval", tiny_dir, path, "--budget", 21, "--image-folder", grid)
     assert result.exit_code == 2 and "line 1: image" in result.stderr
+
+
+@pytest.mark.slow
+def test_accuracy_table_quick(tmp_path):
+    """The table's whole pipeline on a few steps (`pytest -m slow`): data, vision pre-training, training,
+    the five settings at both reductions, table and plot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "accuracy_table.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path), "--quick"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len(rows) == 9 and (tmp_path / "accuracy.png").is_file()
+    assert "DUET trained" in (tmp_path / "table.md").read_text()

@@ -55,9 +55,17 @@ def _scans():
 
 
 def render_grid(
-    spec: GridSpec, scans: np.ndarray, picks: np.ndarray, rng: np.random.Generator
-) -> Image.Image:
-    """Draw a grid: `picks[r, c]` is a scan index, or -1 for an empty cell (small jitter per digit)."""
+    spec: GridSpec,
+    scans: np.ndarray,
+    picks: np.ndarray,
+    rng: np.random.Generator,
+    labels: np.ndarray | None = None,
+) -> tuple[Image.Image, list[list[int]]]:
+    """Draw a grid: `picks[r, c]` is a scan index, or -1 for an empty cell (small jitter per digit).
+
+    Returns the image and, per digit, its box and label `[y, x, size, label]` (label -1 without `labels`).
+    """
+    boxes: list[list[int]] = []
     w, h = spec.size
     canvas = np.full((h, w), 235.0, dtype=np.float32)
     margin = spec.cell - spec.digit
@@ -75,7 +83,8 @@ def render_grid(
             y, x = r * spec.cell + dy, c * spec.cell + dx
             ink = np.asarray(glyph, dtype=np.float32) / 255.0
             canvas[y : y + spec.digit, x : x + spec.digit] *= 1.0 - 0.85 * ink
-    return Image.fromarray(canvas.astype(np.uint8)).convert("RGB")
+            boxes.append([int(y), int(x), spec.digit, int(labels[r, c]) if labels is not None else -1])
+    return Image.fromarray(canvas.astype(np.uint8)).convert("RGB"), boxes
 
 
 def _questions(
@@ -102,7 +111,8 @@ def _questions(
 
 
 def build_griddigits(out_dir: str | os.PathLike, spec: GridSpec | None = None, echo=print) -> dict:
-    """Write images/, train.json (LLaVA format), test.jsonl (questions with answers) and spec.json."""
+    """Write images/, train.json (LLaVA format), test.jsonl (questions with answers), spec.json, and
+    <split>_layout.jsonl (each digit's box and label, for pre-training a vision tower)."""
     spec = spec or GridSpec()
     scans, targets = _scans()
     order = np.random.default_rng(spec.seed).permutation(len(scans))
@@ -113,13 +123,15 @@ def build_griddigits(out_dir: str | os.PathLike, spec: GridSpec | None = None, e
         (tmp / "images").mkdir()
         for split, pool in pools.items():
             rng = np.random.default_rng([spec.seed, 0 if split == "train" else 1])
-            records, kinds = [], {}
+            records, kinds, layout = [], {}, []
             for i in range(counts[split]):
                 picks = rng.choice(pool, size=(spec.rows, spec.cols))
                 picks = np.where(rng.random((spec.rows, spec.cols)) < spec.empty, -1, picks)
                 labels = np.where(picks >= 0, targets[np.maximum(picks, 0)], -1)
                 name = f"{split}_{i:05d}.png"
-                render_grid(spec, scans, picks, rng).save(tmp / "images" / name)
+                image, boxes = render_grid(spec, scans, picks, rng, labels)
+                image.save(tmp / "images" / name)
+                layout.append(json.dumps({"image": f"images/{name}", "digits": boxes}))
                 asks = _questions(spec, labels, rng, transcribe=spec.transcribe and split == "train")
                 for k, (kind, q, a) in enumerate(asks):
                     kinds[kind] = kinds.get(kind, 0) + 1
@@ -153,6 +165,7 @@ def build_griddigits(out_dir: str | os.PathLike, spec: GridSpec | None = None, e
                     for r in records
                 ]
                 (tmp / "test.jsonl").write_text("\n".join(lines) + "\n")
+            (tmp / f"{split}_layout.jsonl").write_text("\n".join(layout) + "\n")
             summary["splits"][split] = {"images": counts[split], "questions": len(records), "kinds": kinds,
                                         "scans": [int(x) for x in sorted(pool)]}  # fmt: skip
             echo(f"{split}: {counts[split]} images, {len(records)} questions {kinds}")
