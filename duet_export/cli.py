@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -433,7 +434,7 @@ def eval_cmd(
     else:
         subject = _load(target)
         config = None if no_compress else config_from_options(subject.adapter, **opts)
-    with click.progressbar(length=len(qs), label="answering", file=click.get_text_stream("stderr")) as bar:
+    with click.progressbar(length=len(qs), label="answering", file=sys.stderr) as bar:
         state = {"done": 0}
 
         def progress(done, total):
