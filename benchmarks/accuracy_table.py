@@ -13,7 +13,7 @@ to N):
 the forward pass. Writes table.md, accuracy.png and results.json to --out.
 
     .venv/bin/python benchmarks/accuracy_table.py --out results/accuracy          # ~45 min on 2 cores
-    .venv/bin/python benchmarks/accuracy_table.py --out /tmp/acc --quick          # smoke test, ~2 min
+    .venv/bin/python benchmarks/accuracy_table.py --out /tmp/acc --quick          # smoke test, < 1 min
 """
 
 from __future__ import annotations
