@@ -21,7 +21,7 @@ from duet_export.config import DuetConfig
 from duet_export.errors import DuetError
 from duet_export.models.base import Adapter
 from duet_export.stages.ops import t2v_drop_node
-from duet_export.stages.t2v import IGNORE_INDEX, compact
+from duet_export.stages.t2v import IGNORE_INDEX, compact, gather_rows
 from duet_export.stages.v2v import V2VResult
 
 __all__ = ["IGNORE_INDEX", "DuetForward", "DuetTrace", "causal_mask", "positions_from_mask", "scatter_visual"]
@@ -79,19 +79,10 @@ def causal_mask(
     return allowed.unsqueeze(1)
 
 
-def _gather_rows(x: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
-    """x[b, index[b]] for [B, T] or [B, T, D] tensors."""
-    if x is None:
-        return None
-    if x.dim() == 2:
-        return torch.gather(x, 1, index)
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
 def scatter_visual(hidden: torch.Tensor, visual: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """Put the i-th visual feature of each row at the row's i-th image placeholder (static shapes)."""
     rank = (visual.long().cumsum(dim=1) - 1).clamp(min=0)
-    return torch.where(visual.unsqueeze(-1), _gather_rows(features.to(hidden.dtype), rank), hidden)
+    return torch.where(visual.unsqueeze(-1), gather_rows(features.to(hidden.dtype), rank), hidden)
 
 
 @dataclass
@@ -107,15 +98,15 @@ class _Sequence:
     positions: torch.Tensor
 
     def gather(self, index: torch.Tensor) -> _Sequence:
-        pad = _gather_rows(self.pad, index)
+        pad = gather_rows(self.pad, index)
         b, t = index.shape
         return _Sequence(
-            ids=_gather_rows(self.ids, index),
-            hidden=_gather_rows(self.hidden, index),
+            ids=gather_rows(self.ids, index),
+            hidden=gather_rows(self.hidden, index),
             pad=pad,
-            visual=_gather_rows(self.visual, index),
-            labels=_gather_rows(self.labels, index),
-            query=_gather_rows(self.query, index),
+            visual=gather_rows(self.visual, index),
+            labels=gather_rows(self.labels, index),
+            query=gather_rows(self.query, index),
             positions=positions_from_mask(pad, b, t, index.device),
         )
 
@@ -332,8 +323,8 @@ class DuetForward:
     ) -> None:
         """Record the kept visual tokens as indices into the Stage-1 output order."""
         block = seq.visual.long().cumsum(dim=1) - 1
-        kept_visual = compact(_gather_rows(seq.visual, index), keep)
-        kept = torch.gather(_gather_rows(block, index), 1, kept_visual)
+        kept_visual = compact(gather_rows(seq.visual, index), keep)
+        kept = torch.gather(gather_rows(block, index), 1, kept_visual)
         previous = list(trace.stage2.values())
         if previous:
             kept = torch.gather(previous[-1], 1, kept)

@@ -117,10 +117,6 @@ class Adapter(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     @abstractmethod
-    def apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate one [B, H, T, d] tensor with [B, T, d] cos/sin."""
-
-    @abstractmethod
     def attention_parts(self, layer: nn.Module) -> AttentionParts: ...
 
     @abstractmethod

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 
@@ -39,8 +37,6 @@ class LlavaAdapter(Adapter):
         vc = cfg.vision_config
         self.image_size = vc.image_size
         self.patch_size = vc.patch_size
-        rotary_module = sys.modules[type(self.decoder_layers[0].self_attn).__module__]
-        self._rotate_half = rotary_module.rotate_half
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -97,10 +93,6 @@ class LlavaAdapter(Adapter):
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._lm.rotary_emb(hidden, position_ids=position_ids)
-
-    def apply_rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return (x * cos) + (self._rotate_half(x) * sin)
 
     def attention_parts(self, layer: nn.Module) -> AttentionParts:
         cfg = self.text_config

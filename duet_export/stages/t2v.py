@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from duet_export.stages.v2v import rank_descending
 
-__all__ = ["compact", "rotate_half", "select_queries", "t2v_drop", "t2v_keep", "t2v_scores"]
+__all__ = ["compact", "gather_rows", "rotate_half", "select_queries", "t2v_drop", "t2v_keep", "t2v_scores"]
 
 IGNORE_INDEX = -100
 
@@ -98,7 +98,10 @@ def t2v_keep(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.sort(rank_descending(scores)[:, :keep], dim=-1).values
 
 
-def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    """x[b, index[b]] for [B, T] or [B, T, D] tensors (None stays None)."""
+    if x is None:
+        return None
     if x.dim() == 2:
         return torch.gather(x, 1, index)
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -140,15 +143,15 @@ def t2v_drop(
         return compact(~visual, text_rows)
     chosen = select_queries(visual, real, query, labels, mode)
     text_index = compact(~visual, text_rows)
-    q = F.linear(_gather(normed, text_index), q_weight, q_bias).view(b, text_rows, num_heads, head_dim)
+    q = F.linear(gather_rows(normed, text_index), q_weight, q_bias).view(b, text_rows, num_heads, head_dim)
     k = F.linear(normed, k_weight, k_bias).view(b, t, num_kv_heads, head_dim)
-    q = rotate_half(q.transpose(1, 2), _gather(cos, text_index), _gather(sin, text_index))
+    q = rotate_half(q.transpose(1, 2), gather_rows(cos, text_index), gather_rows(sin, text_index))
     k = rotate_half(k.transpose(1, 2), cos, sin)
     allowed = (
         torch.arange(t, device=normed.device).view(1, 1, t) <= text_index.unsqueeze(-1)
     ) & pad.unsqueeze(1)
     visual_index = compact(visual, visual_tokens)
-    scores = t2v_scores(q, k, allowed, _gather(chosen, text_index), visual_index, scale)
+    scores = t2v_scores(q, k, allowed, gather_rows(chosen, text_index), visual_index, scale)
     kept = torch.gather(visual_index, 1, t2v_keep(scores, keep))
     stays = (~visual).scatter(1, kept, True)
     return compact(stays, text_rows + keep)
