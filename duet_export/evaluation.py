@@ -11,13 +11,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from PIL import Image
-
 from duet_export.compress import compress, decompress
 from duet_export.config import DuetConfig
 from duet_export.data.records import Question
 from duet_export.generate import GenerationSettings, generate_answers
-from duet_export.loading import LoadedModel
+from duet_export.loading import LoadedModel, load_image
 from duet_export.stages.budget import report
 
 __all__ = ["EvalResult", "evaluate", "normalize_answer"]
@@ -102,10 +100,7 @@ def evaluate(
     rows, correct, per_kind = [], 0, {}
     for first in range(0, len(questions), batch_size):
         chunk = questions[first : first + batch_size]
-        images = []
-        for q in chunk:
-            with Image.open(q.image) as im:
-                images.append(im.convert("RGB"))
+        images = [load_image(q.image) for q in chunk]
         for q, a in zip(chunk, answer(images, [q.text for q in chunk]), strict=True):
             row = {"question_id": q.question_id, "text": q.text, "answer": a.text}
             kind = q.kind

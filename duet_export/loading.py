@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from duet_export.errors import DuetError
+from duet_export.images import open_image
 from duet_export.models import ADAPTERS, Adapter, family_of_config
 
 __all__ = ["LoadedModel", "load", "load_image"]
@@ -71,11 +72,4 @@ def load(
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as RGB, or raise a one-line `DuetError`."""
-    p = Path(path)
-    if not p.is_file():
-        raise DuetError(f"{p}: no such image file")
-    try:
-        with Image.open(p) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError):
-        raise DuetError(f"{p} is not an image PIL can read") from None
+    return open_image(path).convert("RGB")

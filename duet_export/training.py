@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from duet_export.compress import compress, decompress
 from duet_export.config import DuetConfig
@@ -27,7 +26,7 @@ from duet_export.data.records import TrainingExample
 from duet_export.errors import DuetError
 from duet_export.forward import IGNORE_INDEX
 from duet_export.inputs import encode_prompts
-from duet_export.loading import LoadedModel
+from duet_export.loading import LoadedModel, load_image
 
 __all__ = ["PARTS", "TrainResult", "TrainSettings", "VQACollator", "train"]
 
@@ -84,8 +83,7 @@ class VQACollator:
     def __call__(self, examples: Sequence[TrainingExample]) -> dict[str, torch.Tensor]:
         rows, pixels = [], []
         for ex in examples:
-            with Image.open(ex.image) as im:
-                image = im.convert("RGB")
+            image = load_image(ex.image)
             enc = encode_prompts(
                 self.processor, self.image_token_id, [image], [ex.question], self.tokens_per_image
             )

@@ -16,17 +16,17 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from duet_export.answers import Answer, GenerationSettings, decode_answer
 from duet_export.errors import DuetError
+from duet_export.images import open_image
 from duet_export.prompts import EncodedPrompts, encode_prompts
 from duet_export.runtimes.binding import BoundSession
 from duet_export.runtimes.providers import ProviderSettings
-from duet_export.runtimes.session import Bundle
+from duet_export.runtimes.session import Bundle, run_named
 
 __all__ = ["DecodeState", "OnnxVLM", "choose_tokens"]
 
@@ -57,12 +57,15 @@ def choose_tokens(logits: np.ndarray, settings: GenerationSettings, rng: np.rand
 
 @dataclass
 class DecodeState:
-    """The cache between steps: one buffer per layer, one mask per layer group, the slots used so far."""
+    """The cache between steps: one buffer per layer, one mask per layer group, the steps taken so far.
+
+    Group g's next free slot is `group_lengths[g] + steps`: every group grows by one token per step.
+    """
 
     keys: list[np.ndarray]
     values: list[np.ndarray]
     masks: list[np.ndarray]  # [B, capacity_g] int64, 1 on real tokens
-    used: list[int]  # slots filled per group
+    steps: int = 0
     keep_index: dict[str, np.ndarray] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -106,17 +109,7 @@ class OnnxVLM:
     def load_image(self, image: ImageLike) -> Image.Image:
         """An RGB image; other sizes and modes are converted by the checkpoint's processor, with a note."""
         if not isinstance(image, Image.Image):
-            name = str(image)
-            if not Path(name).is_file():
-                raise DuetError(f"{name}: no such image file")
-            from PIL import UnidentifiedImageError
-
-            try:
-                with Image.open(name) as im:
-                    im.load()
-                    image = im.copy()
-            except (UnidentifiedImageError, OSError):
-                raise DuetError(f"{name} is not an image PIL can read") from None
+            image = open_image(image)
         if image.mode in _HIGH_DEPTH_MODES:
             raise DuetError(
                 f"image mode {image.mode} (more than 8 bits per channel) is refused: the model was trained "
@@ -175,9 +168,19 @@ class OnnxVLM:
 
     # ----------------------------------------------------------------------------------- graphs
     def vision(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        names = [o.name for o in self.bundle.sessions["vision"].get_outputs()]
-        outs = self.bundle.sessions["vision"].run(None, {"pixel_values": pixel_values})
-        return dict(zip(names, outs, strict=True))
+        return run_named(self.bundle.sessions["vision"], {"pixel_values": pixel_values})
+
+    def prefill_feed(
+        self, inputs: dict[str, np.ndarray], vision: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """The prefill graph's inputs: the prompt arrays and the vision graph's features, one row per prompt."""
+        features = vision["image_features"]
+        return {
+            "input_ids": inputs["input_ids"],
+            "attention_mask": inputs["attention_mask"],
+            "image_features": features.reshape(self.batch, -1, features.shape[-1]),
+            "query_mask": inputs["query_mask"],
+        }
 
     def prefill(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, DecodeState]:
         """Vision + prefill -> (last logits [B, vocab], the cache laid out for the step graph)."""
@@ -185,23 +188,11 @@ class OnnxVLM:
         start = time.perf_counter()
         vision = self.vision(inputs["pixel_values"])
         timings["vision"] = time.perf_counter() - start
-        features = vision["image_features"]
-        features = features.reshape(self.batch, -1, features.shape[-1])
-        session = self.bundle.sessions["prefill"]
         start = time.perf_counter()
-        outs = session.run(
-            None,
-            {
-                "input_ids": inputs["input_ids"],
-                "attention_mask": inputs["attention_mask"],
-                "image_features": features,
-                "query_mask": inputs["query_mask"],
-            },
-        )
+        named = run_named(self.bundle.sessions["prefill"], self.prefill_feed(inputs, vision))
         timings["prefill"] = time.perf_counter() - start
-        named = dict(zip((o.name for o in session.get_outputs()), outs, strict=True))
         masks = self._group_masks(inputs["attention_mask"], named)
-        state = DecodeState(keys=[], values=[], masks=[], used=list(self.group_lengths), timings=timings)
+        state = DecodeState(keys=[], values=[], masks=[], timings=timings)
         state.keep_index = {k: v for k, v in named.items() if k.startswith("keep_index.")}
         state.keep_index.update({k: v for k, v in vision.items() if k.startswith("stage1_")})
         for mask, cap in zip(masks, self.capacity, strict=True):
@@ -226,7 +217,7 @@ class OnnxVLM:
 
     def step(self, tokens: np.ndarray, state: DecodeState) -> np.ndarray:
         """One decode step for [B] tokens; writes the new K/V into the cache, returns logits [B, vocab]."""
-        if any(u >= c for u, c in zip(state.used, self.capacity, strict=True)):
+        if state.steps >= self.max_new_tokens:
             raise DuetError(
                 f"the bundle's cache holds {self.max_new_tokens} new tokens (see --max-new-tokens)"
             )
@@ -236,18 +227,17 @@ class OnnxVLM:
         for i in range(len(self.layer_group)):
             feed[f"past.{i}.key"] = state.keys[i]
             feed[f"past.{i}.value"] = state.values[i]
-        session = self.bundle.sessions["step"]
         if self._step_runner is not None:
             outs = self._step_runner.run(feed)
         else:
-            outs = dict(zip((o.name for o in session.get_outputs()), session.run(None, feed), strict=True))
+            outs = run_named(self.bundle.sessions["step"], feed)
+        slots = [length + state.steps for length in self.group_lengths]
         for i, g in enumerate(self.layer_group):
-            slot = state.used[g]
-            state.keys[i][:, :, slot] = outs[f"new.{i}.key"][:, :, 0]
-            state.values[i][:, :, slot] = outs[f"new.{i}.value"][:, :, 0]
-        for g in range(len(state.masks)):
-            state.masks[g][:, state.used[g]] = 1
-            state.used[g] += 1
+            state.keys[i][:, :, slots[g]] = outs[f"new.{i}.key"][:, :, 0]
+            state.values[i][:, :, slots[g]] = outs[f"new.{i}.value"][:, :, 0]
+        for g, slot in enumerate(slots):
+            state.masks[g][:, slot] = 1
+        state.steps += 1
         return outs["logits"][:, -1]
 
     # ----------------------------------------------------------------------------------- generation

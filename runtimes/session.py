@@ -7,13 +7,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 from duet_export.errors import DuetError
 from duet_export.export.manifest import read_manifest
 from duet_export.runtimes.providers import ProviderSettings, select_providers
 
-__all__ = ["Bundle", "open_session"]
+__all__ = ["Bundle", "open_session", "run_named"]
 
 GRAPHS = ("vision", "prefill", "step")
 
@@ -30,6 +31,12 @@ def open_session(
     except Exception as e:  # onnxruntime raises several unrelated exception types
         lines = [x for x in str(e).strip().splitlines() if x.strip()] or [e.__class__.__name__]
         raise DuetError(f"onnxruntime cannot load {Path(path).name}: {lines[0][:300]}") from None
+
+
+def run_named(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a session; its outputs by name."""
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, feed), strict=True))
 
 
 @dataclass

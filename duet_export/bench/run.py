@@ -211,16 +211,8 @@ def _stage_share(bundle: Path, lowered: bool, runs: int = 5) -> dict[str, float]
     manifest = vlm.manifest
     feeds = {}
     inputs = vlm._pad_batch(vlm.encode([bench_image(manifest["image"]["size"][0])], [prompt_of(8)]))
-    vision_out = vlm.vision(inputs["pixel_values"])
     feeds["vision"] = {"pixel_values": inputs["pixel_values"]}
-    feeds["prefill"] = {
-        "input_ids": inputs["input_ids"],
-        "attention_mask": inputs["attention_mask"],
-        "image_features": vision_out["image_features"].reshape(
-            vlm.batch, -1, vision_out["image_features"].shape[-1]
-        ),
-        "query_mask": inputs["query_mask"],
-    }
+    feeds["prefill"] = vlm.prefill_feed(inputs, vlm.vision(inputs["pixel_values"]))
     totals = {"stage": 0.0, "all": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         for graph in ("vision", "prefill"):
