@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from duet_export.cli_options import budget_options, config_from_options
+from duet_export.cli_options import budget_options, config_from_options, config_or_baseline
 from duet_export.errors import DuetError
 
 __all__ = ["cli", "main"]
@@ -192,9 +192,7 @@ def export_cmd(model_dir, out_dir, no_compress, target, max_prompt, max_new_toke
         target=target, max_prompt=max_prompt, max_new_tokens=max_new_tokens, batch=batch
     ).validate()
     loaded = _load(model_dir)
-    if no_compress and opts.get("budget") is not None:
-        raise DuetError("--no-compress and --budget exclude each other")
-    config = None if no_compress else config_from_options(loaded.adapter, **opts)
+    config = config_or_baseline(loaded.adapter, no_compress, **opts)
     manifest = export_bundle(loaded, out_dir, config, options, echo=click.echo)
     budget = manifest["budget"]
     click.echo(
@@ -378,9 +376,7 @@ def train_cmd(
 
     examples = _training_data(data, image_folder)
     loaded = _load(model_dir)
-    if no_compress and opts.get("budget") is not None:
-        raise DuetError("--no-compress and --budget exclude each other")
-    config = None if no_compress else config_from_options(loaded.adapter, **opts)
+    config = config_or_baseline(loaded.adapter, no_compress, **opts)
     chosen = PARTS if parts.strip() == "all" else tuple(p.strip() for p in parts.split(",") if p.strip())
     settings = TrainSettings(
         steps=steps, batch_size=batch_size, learning_rate=lr, warmup_steps=warmup, train=chosen,
@@ -433,7 +429,7 @@ def eval_cmd(
         subject, config = OnnxVLM(target, provider), None
     else:
         subject = _load(target)
-        config = None if no_compress else config_from_options(subject.adapter, **opts)
+        config = config_or_baseline(subject.adapter, no_compress, **opts)
     with click.progressbar(length=len(qs), label="answering", file=sys.stderr) as bar:
         state = {"done": 0}
 

@@ -14,7 +14,7 @@ from duet_export.errors import DuetError
 from duet_export.models.base import Adapter
 from duet_export.stages.budget import resolve_budget
 
-__all__ = ["budget_options", "config_from_options", "parse_list"]
+__all__ = ["budget_options", "config_from_options", "config_or_baseline", "parse_list"]
 
 
 def parse_list(text: str | None, kind: type) -> tuple:
@@ -103,3 +103,12 @@ def config_from_options(
             "give --budget B or the explicit knobs (--dominant, --contextual, --drop-layers, --keep-ratios)"
         )
     return resolve_budget(budget, geometry, rules=adapter.rules, cluster_width=cluster_width, query=query)
+
+
+def config_or_baseline(adapter: Adapter, no_compress: bool, **opts) -> DuetConfig | None:
+    """The config the options ask for, or None for `--no-compress` (the uncompressed baseline)."""
+    if no_compress:
+        if opts.get("budget") is not None:
+            raise DuetError("--no-compress and --budget exclude each other")
+        return None
+    return config_from_options(adapter, **opts)
