@@ -10,7 +10,7 @@ import onnx_ir as ir
 from duet_export.passes.op_tables import TABLES, OpTable
 from duet_export.stages.ops import DOMAIN
 
-__all__ = ["Finding", "VerifyPass", "VerifyReport"]
+__all__ = ["Finding", "VerifyPass", "VerifyReport", "weight_bytes"]
 
 # Ops whose output size depends on the data: no static compiler can give them a fixed shape.
 _DATA_DEPENDENT = ("NonZero", "Compress", "Unique")
@@ -41,6 +41,11 @@ class VerifyReport:
         lines = [f"{self.graph}: {'passes' if self.ok else 'FAILS'} verify for {self.target}"]
         lines += [f"  {'ok  ' if f.ok else 'FAIL'} {f.rule:<10} {f.message}" for f in self.findings]
         return "\n".join(lines)
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes held by the graph's initializers (what decides external data and in-memory checking)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 def _is_constant(value: ir.Value | None) -> bool:
@@ -127,9 +132,7 @@ class VerifyPass(ir.passes.InPlacePass):
         return "; ".join(parts)
 
     def _checker(self, model: ir.Model) -> None:
-        size = sum(
-            v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
-        )
+        size = weight_bytes(model)
         if size >= _CHECKER_LIMIT:
             self.report.add(
                 True,

@@ -36,6 +36,7 @@ from duet_export.export.manifest import (
 from duet_export.forward import DuetForward
 from duet_export.loading import LoadedModel
 from duet_export.passes.pipeline import TARGETS, run_pipeline
+from duet_export.passes.verify import weight_bytes
 from duet_export.stages.budget import report
 
 __all__ = ["ExportOptions", "export_bundle"]
@@ -49,7 +50,6 @@ class ExportOptions:
     max_prompt: int = 64  # text tokens of a prompt, image placeholders not counted
     max_new_tokens: int = 32
     batch: int = 1
-    opset: int = FUNCTION_OPSET
 
     def validate(self) -> ExportOptions:
         if self.target not in TARGETS:
@@ -99,8 +99,7 @@ def _export(
 
 
 def _save(model: ir.Model, path: Path) -> list[dict[str, Any]]:
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    if size > _EXTERNAL_DATA_BYTES:
+    if weight_bytes(model) > _EXTERNAL_DATA_BYTES:
         ir.save(model, path, external_data=path.name + ".data")
         files = [path, path.with_name(path.name + ".data")]
     else:
@@ -187,7 +186,7 @@ def export_bundle(
         "source_model": str(loaded.path),
         "family": adapter.family,
         "target": options.target,
-        "opset": options.opset,
+        "opset": FUNCTION_OPSET,
         "dtype": str(dtype).replace("torch.", ""),
         "compressed": config.enabled,
         "config": config.to_dict(),
