@@ -64,7 +64,11 @@ def demo(workdir: str, budget: float | None) -> None:
 @cli.command("compress")
 @click.argument("model_dir", type=click.Path())
 @budget_options
-@click.option("--image", type=click.Path(), help="Answer a prompt about this image with compression on.")
+@click.option(
+    "--image",
+    type=click.Path(),
+    help="Answer a prompt about this image (video models: a folder of frames or a video file).",
+)
 @click.option("--prompt", help="The question (wrapped by the checkpoint's chat template).")
 @click.option(
     "--raw", is_flag=True, help="Use --prompt as the full prompt text (it must hold the image placeholder)."
@@ -96,7 +100,7 @@ def compress_cmd(
     from duet_export.atomic import atomic_file
     from duet_export.compress import compress
     from duet_export.generate import GenerationSettings, generate_answers
-    from duet_export.loading import load_image
+    from duet_export.loading import load_visual
     from duet_export.stages.budget import report
 
     if (image is None) != (prompt is None):
@@ -109,7 +113,7 @@ def compress_cmd(
             tmp.write_text(json.dumps({"config": config.to_dict(), "report": rep.to_dict()}, indent=2))
     click.echo(json.dumps(rep.to_dict(), indent=2) if as_json else rep.summary())
     if image is not None:
-        img = load_image(image)
+        img = load_visual(image, loaded.adapter)
         compress(loaded.model, config)
         settings = GenerationSettings(max_new_tokens, sample, temperature, 0, top_p, seed)
         answer = generate_answers(loaded, [img], [prompt], settings, raw=raw)[0]
@@ -135,27 +139,31 @@ def compress_cmd(
 def inspect_cmd(model_dir, image, prompt, raw, as_json, overlay, device, **opts) -> None:
     """Show which patches Stage 1 kept and which tokens each Stage-2 drop layer kept, for one image."""
     from duet_export.inspection import inspect_prompt, model_view
-    from duet_export.loading import load_image
+    from duet_export.loading import load_visual
     from duet_export.overlay import write_overlay
 
-    img = load_image(image)
     loaded = _load(model_dir, device)
+    img = load_visual(image, loaded.adapter)
     config = config_from_options(loaded.adapter, **opts)
     info, pixels = inspect_prompt(loaded, img, prompt, config, raw=raw)
     info["image"] = str(image)
     if overlay:
-        write_overlay(overlay, model_view(loaded.processor, pixels), info)
+        write_overlay(overlay, model_view(loaded.processor, pixels, info["frames"]), info)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     s1 = info["stage1"]
     if s1:
-        click.echo(
-            f"Stage 1: CLS + {len(s1['dominant'])} dominant patches + {len(s1['contextual'])} contextual tokens"
-        )
-        click.echo(f"  dominant: {s1['dominant']}")
-        for c in s1["contextual"]:
-            click.echo(f"  anchor {c['anchor']}: members {c['members']}")
+        per_frame = s1 if isinstance(s1, list) else [s1]
+        for f, one in enumerate(per_frame):
+            where = f"frame {f}: " if isinstance(s1, list) else ""
+            click.echo(
+                f"Stage 1: {where}CLS + {len(one['dominant'])} dominant patches + "
+                f"{len(one['contextual'])} contextual tokens"
+            )
+            click.echo(f"  dominant: {one['dominant']}")
+            for c in one["contextual"]:
+                click.echo(f"  anchor {c['anchor']}: members {c['members']}")
     else:
         click.echo(f"Stage 1: off ({info['num_patches']} patches)")
     for d in info["stage2"]:
@@ -167,6 +175,12 @@ def inspect_cmd(model_dir, image, prompt, raw, as_json, overlay, device, **opts)
     )
     if overlay:
         click.echo(f"overlay written to {overlay}")
+
+
+def _visual_tokens(image: dict) -> str:
+    """'V' for an image bundle, 'V (F frames x v)' for a clip."""
+    frames, per = int(image["frames"]), int(image["tokens_per_image"])
+    return str(per) if frames == 1 else f"{frames * per} ({frames} frames x {per})"
 
 
 @cli.command("export")
@@ -196,7 +210,7 @@ def export_cmd(model_dir, out_dir, no_compress, target, max_prompt, max_new_toke
     manifest = export_bundle(loaded, out_dir, config, options, echo=click.echo)
     budget = manifest["budget"]
     click.echo(
-        f"bundle written to {out_dir}: target {target}, {manifest['image']['tokens_per_image']} visual tokens "
+        f"bundle written to {out_dir}: target {target}, {_visual_tokens(manifest['image'])} visual tokens "
         f"into the decoder, {budget['average_tokens']:.2f} on average per layer"
     )
 

@@ -15,7 +15,7 @@ from duet_export.compress import compress, decompress
 from duet_export.config import DuetConfig
 from duet_export.data.records import Question
 from duet_export.generate import GenerationSettings, generate_answers
-from duet_export.loading import LoadedModel, load_image
+from duet_export.loading import LoadedModel, load_visual
 from duet_export.stages.budget import report
 
 __all__ = ["EvalResult", "evaluate", "normalize_answer"]
@@ -82,6 +82,8 @@ def evaluate(
         def answer(images, texts):
             return target.generate(images, texts, settings)
 
+        read = target.load_visual
+
     else:
         loaded: LoadedModel = target
         geometry = loaded.adapter.geometry()
@@ -96,11 +98,14 @@ def evaluate(
         def answer(images, texts):
             return generate_answers(loaded, images, texts, settings)
 
+        def read(path):
+            return load_visual(path, loaded.adapter)
+
     start = time.perf_counter()
     rows, correct, per_kind = [], 0, {}
     for first in range(0, len(questions), batch_size):
         chunk = questions[first : first + batch_size]
-        images = [load_image(q.image) for q in chunk]
+        images = [read(q.image) for q in chunk]
         for q, a in zip(chunk, answer(images, [q.text for q in chunk]), strict=True):
             row = {"question_id": q.question_id, "text": q.text, "answer": a.text}
             kind = q.kind

@@ -145,11 +145,14 @@ class DuetForward:
         duet_query_mask: torch.Tensor | None = None,
         duet_trace: DuetTrace | None = None,
         past_key_values: DynamicCache | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         if input_ids is None or inputs_embeds is not None:
             raise DuetError("a compressed model needs input_ids (it locates the image tokens in them)")
         cache = cache if cache is not None else past_key_values
+        if pixel_values_videos is not None:  # [B, F, 3, H, W]: a clip's frames are images to Stage 1
+            pixel_values = pixel_values_videos.flatten(0, 1)
         if use_cache is None:
             use_cache = bool(getattr(self.adapter.text_config, "use_cache", True)) and not self.model.training
         if use_cache and cache is None:

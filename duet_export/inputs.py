@@ -16,7 +16,15 @@ from duet_export.config import DuetConfig
 from duet_export.models.base import Adapter
 from duet_export.prompts import EncodedPrompts, encode_prompts, render_prompt
 
-__all__ = ["EncodedPrompts", "encode_prompts", "prepare_inputs", "render_prompt"]
+__all__ = ["EncodedPrompts", "encode_prompts", "placeholders_per_image", "prepare_inputs", "render_prompt"]
+
+
+def placeholders_per_image(adapter: Adapter, config: DuetConfig | None) -> int | None:
+    """Placeholder tokens per image or frame: Stage 1's output, else as the processor writes them (None:
+    leave an image's run as it is; a clip's run is always written here, since no processor expands it)."""
+    if config is not None and config.stage1:
+        return config.tokens_per_frame(adapter.num_patches)
+    return adapter.uncompressed_tokens_per_image if adapter.media == "video" else None
 
 
 def prepare_inputs(
@@ -33,12 +41,14 @@ def prepare_inputs(
     With Stage 1 on, each image holds K_d + K_c placeholder tokens instead of N. `duet_query_mask` (given
     whenever a config is) marks the salient words of each question; Stage 2 adds the final prompt token.
     """
-    per_image = config.tokens_per_frame(adapter.num_patches) if config is not None and config.stage1 else None
-    batch = encode_prompts(processor, adapter.image_token_id, images, prompts, per_image, raw=raw)
+    batch = encode_prompts(
+        processor, adapter.image_token_id, images, prompts, placeholders_per_image(adapter, config), raw=raw,
+        media=adapter.media, frames=adapter.frames,
+    )  # fmt: skip
     out = {
         "input_ids": torch.from_numpy(batch.input_ids),
         "attention_mask": torch.from_numpy(batch.attention_mask),
-        "pixel_values": torch.from_numpy(batch.pixel_values),
+        **adapter.pixel_inputs(torch.from_numpy(batch.pixel_values)),
     }
     if batch.query_mask is not None and config is not None:
         out["duet_query_mask"] = torch.from_numpy(batch.query_mask)

@@ -18,33 +18,46 @@ from duet_export.stages.t2v import select_queries
 __all__ = ["inspect_prompt", "model_view"]
 
 
-def _stage1_json(trace: DuetTrace) -> dict[str, Any] | None:
+def _stage1_json(trace: DuetTrace, row: int) -> dict[str, Any] | None:
+    """Stage 1 on one image (row of the vision batch; a clip's frames are consecutive rows)."""
     s1 = trace.stage1
     if s1 is None:
         return None
-    anchors = s1.anchors[0].tolist()
+    anchors = s1.anchors[row].tolist()
     members: list[list[int]] = [[] for _ in anchors]
-    for patch, slot in zip(s1.members[0].tolist(), s1.assignment[0].tolist(), strict=True):
+    for patch, slot in zip(s1.members[row].tolist(), s1.assignment[row].tolist(), strict=True):
         members[slot].append(patch)
     return {
         "order": "CLS, dominant patches in position order, contextual tokens in anchor order",
         "cls": True,
-        "dominant": s1.dominant[0].tolist(),
+        "dominant": s1.dominant[row].tolist(),
         "contextual": [{"anchor": a, "members": sorted(m)} for a, m in zip(anchors, members, strict=True)],
         "tokens": 1 + s1.dominant.shape[1] + len(anchors),
     }
 
 
-def _describe_token(index: int, stage1: dict[str, Any] | None) -> str:
-    """Name a Stage-1 output token: 'cls', 'patch:<i>' or 'context:<anchor>'."""
+def _describe_token(index: int, stage1: dict[str, Any] | None, with_cls: bool = False) -> str:
+    """Name one image's visual token: 'cls', 'patch:<i>' or 'context:<anchor>'."""
     if stage1 is None:
-        return f"patch:{index}"
+        if not with_cls:
+            return f"patch:{index}"
+        return "cls" if index == 0 else f"patch:{index - 1}"
     if index == 0:
         return "cls"
     dominant = stage1["dominant"]
     if index <= len(dominant):
         return f"patch:{dominant[index - 1]}"
     return f"context:{stage1['contextual'][index - 1 - len(dominant)]['anchor']}"
+
+
+def _describe_clip_token(
+    index: int, frames: list[dict[str, Any] | None], per_frame: int, with_cls: bool
+) -> str:
+    """A clip's visual token: 'f<frame>:' + the frame's own token name (images: no prefix)."""
+    if len(frames) == 1:
+        return _describe_token(index, frames[0], with_cls)
+    frame, local = divmod(index, per_frame)
+    return f"f{frame}:{_describe_token(local, frames[frame], with_cls)}"
 
 
 def inspect_prompt(
@@ -57,7 +70,14 @@ def inspect_prompt(
     trace = DuetTrace()
     with torch.no_grad():
         forward(**inputs, duet_trace=trace, use_cache=False, logits_to_keep=1)
-    stage1 = _stage1_json(trace)
+    n_frames = geometry.frames
+    frames = [_stage1_json(trace, f) for f in range(n_frames)]
+    per_frame = trace.visual_tokens // n_frames
+    with_cls = per_frame > geometry.num_patches  # e.g. a video frame fed whole, CLS included
+
+    def describe(index: int) -> str:
+        return _describe_clip_token(index, frames, per_frame, with_cls)
+
     budget = report(config, geometry)
     tok = loaded.tokenizer
     stage2 = []
@@ -69,7 +89,7 @@ def inspect_prompt(
                 "layer": layer,
                 "keep_ratio": ratio,
                 "kept": kept_list,
-                "kept_tokens": [_describe_token(i, stage1) for i in kept_list],
+                "kept_tokens": [describe(i) for i in kept_list],
             }
         )
     ids = inputs["input_ids"]
@@ -82,7 +102,9 @@ def inspect_prompt(
         "prompt": prompt,
         "num_patches": geometry.num_patches,
         "grid": round(geometry.num_patches**0.5),
-        "stage1": stage1,
+        "frames": n_frames,
+        # one image: its Stage-1 record; a clip: one record per frame
+        "stage1": frames[0] if n_frames == 1 else (frames if frames[0] is not None else None),
         "stage2": stage2,
         "queries": tok.convert_ids_to_tokens(ids[0][chosen[0]].tolist()) if config.stage2 else [],
         "visual_tokens": trace.visual_tokens,
@@ -90,13 +112,19 @@ def inspect_prompt(
         "reduction": round(budget.reduction, 6),
         "budget": budget.to_dict(),
     }
-    return result, inputs["pixel_values"]
+    pixels = (
+        inputs["pixel_values"] if "pixel_values" in inputs else inputs["pixel_values_videos"].flatten(0, 1)
+    )
+    return result, pixels
 
 
-def model_view(processor, pixel_values: torch.Tensor) -> np.ndarray:
-    """The image as the model saw it (after resize/crop), un-normalised to HxWx3 uint8."""
+def model_view(processor, pixel_values: torch.Tensor, frames: int = 1) -> list[np.ndarray]:
+    """The image (or each frame) as the model saw it (after resize/crop), un-normalised to HxWx3 uint8."""
     ip = processor.image_processor
     mean = np.array(getattr(ip, "image_mean", [0.5, 0.5, 0.5])).reshape(3, 1, 1)
     std = np.array(getattr(ip, "image_std", [0.5, 0.5, 0.5])).reshape(3, 1, 1)
-    arr = pixel_values[0].float().cpu().numpy() * std + mean
-    return (np.clip(arr, 0, 1).transpose(1, 2, 0) * 255).astype(np.uint8)
+    views = []
+    for f in range(frames):
+        arr = pixel_values[f].float().cpu().numpy() * std + mean
+        views.append((np.clip(arr, 0, 1).transpose(1, 2, 0) * 255).astype(np.uint8))
+    return views

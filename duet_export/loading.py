@@ -14,8 +14,10 @@ from PIL import Image
 from duet_export.errors import DuetError
 from duet_export.images import open_image
 from duet_export.models import ADAPTERS, Adapter, family_of_config
+from duet_export.processors import load_processor
+from duet_export.video import open_clip
 
-__all__ = ["LoadedModel", "load", "load_image"]
+__all__ = ["LoadedModel", "load", "load_image", "load_visual"]
 
 
 @dataclass
@@ -62,7 +64,7 @@ def load(
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise DuetError(f"could not load the model in {path}: {first}") from None
     try:
-        processor = transformers.AutoProcessor.from_pretrained(path)
+        processor = load_processor(path)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise DuetError(f"could not load the processor in {path}: {first}") from None
@@ -73,3 +75,11 @@ def load(
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as RGB, or raise a one-line `DuetError`."""
     return open_image(path).convert("RGB")
+
+
+def load_visual(path: str | os.PathLike, adapter: Adapter) -> Image.Image | list[Image.Image]:
+    """What the model takes as one visual input: an RGB image, or for a video model the clip's frames
+    (from a folder of frames or a video file)."""
+    if adapter.media == "video":
+        return open_clip(path, adapter.frames)
+    return load_image(path)

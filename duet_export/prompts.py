@@ -19,31 +19,40 @@ from duet_export.stages.salient import salient_spans, token_mask_from_spans
 __all__ = ["EncodedPrompts", "encode_prompts", "render_prompt"]
 
 
-def _image_token(processor) -> str:
+MEDIA = ("image", "video")
+
+
+def _placeholder(processor, media: str) -> str:
+    if media == "video":
+        return getattr(processor, "video_token", None) or "<video>"
     return getattr(processor, "image_token", None) or "<image>"
 
 
-def render_prompt(processor, prompt: str, num_images: int = 1, raw: bool = False) -> tuple[str, int | None]:
+def render_prompt(
+    processor, prompt: str, num_images: int = 1, raw: bool = False, media: str = "image"
+) -> tuple[str, int | None]:
     """The full prompt text and where the user's question starts in it (None if unknown).
 
-    With `raw=False` the checkpoint's chat template wraps the question and adds the image placeholder; with
-    `raw=True` (or a checkpoint without a template) `prompt` is used as written and must hold one placeholder
-    per image.
+    With `raw=False` the checkpoint's chat template wraps the question and adds the image (or video)
+    placeholder; with `raw=True` (or a checkpoint without a template) `prompt` is used as written and must
+    hold one placeholder per image or clip.
     """
-    token = _image_token(processor)
+    token = _placeholder(processor, media)
     template = getattr(processor, "chat_template", None)
     if raw or not template:
         count = prompt.count(token)
         if count != num_images:
             why = "" if raw else " (the checkpoint has no chat template: write the whole prompt)"
-            raise DuetError(f"the prompt holds {count} {token} placeholder(s) for {num_images} image(s){why}")
+            raise DuetError(
+                f"the prompt holds {count} {token} placeholder(s) for {num_images} {media}(s){why}"
+            )
         return prompt, 0
     if token in prompt:
         raise DuetError(
             f"the prompt already holds {token}; the chat template adds it (use --raw for a full prompt)"
         )
     conversation = [
-        {"role": "user", "content": [*([{"type": "image"}] * num_images), {"type": "text", "text": prompt}]}
+        {"role": "user", "content": [*([{"type": media}] * num_images), {"type": "text", "text": prompt}]}
     ]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     start = text.rfind(prompt)
@@ -93,6 +102,18 @@ def _query_mask(processor, text: str, question_start: int | None, prompt: str, i
     return _resize_runs(mask, short_runs, [length for _, length in runs], False)
 
 
+def _expand(ids: list[int], token: int, count: int) -> list[int]:
+    """One placeholder per clip -> a run of `count` (resized to the real length by the caller)."""
+    return [t for i in ids for t in ([i] * count if i == token else [i])]
+
+
+def _frame_pixels(image_processor, frames: Sequence[Image.Image]) -> np.ndarray:
+    """[F, 3, H, W]: the checkpoint's image processor on every frame (what its video processor does)."""
+    out = image_processor(list(frames), return_tensors="np")
+    values = out["pixel_values"] if "pixel_values" in out else out["pixel_values_images"]
+    return np.asarray(values, dtype=np.float32)
+
+
 @dataclass
 class EncodedPrompts:
     """Left-padded numpy arrays for a batch of prompts (shared by the PyTorch and onnxruntime paths)."""
@@ -113,28 +134,43 @@ def encode_prompts(
     *,
     raw: bool = False,
     width: int | None = None,
+    media: str = "image",
+    frames: int = 1,
 ) -> EncodedPrompts:
     """Render, tokenise and left-pad prompts; `tokens_per_image` resizes each placeholder run (None: keep N).
 
-    `width` pads every row to a fixed length (static-shape bundles); a longer prompt is an error.
+    `width` pads every row to a fixed length (static-shape bundles); a longer prompt is an error. With
+    `media="video"` each entry of `images` is one clip of exactly `frames` images; its frames come out as
+    consecutive rows of `pixel_values` and its placeholder run holds `frames` times the per-frame tokens.
     """
     if len(images) != len(prompts):
-        raise DuetError(f"{len(images)} images for {len(prompts)} prompts")
+        raise DuetError(f"{len(images)} {media}s for {len(prompts)} prompts")
     rows, masks, pixels = [], [], []
     aligned = True
     for image, prompt in zip(images, prompts, strict=True):
-        group = [image] if isinstance(image, Image.Image) else list(image)
-        text, start = render_prompt(processor, prompt, num_images=len(group), raw=raw)
-        enc = processor(images=group, text=text, return_tensors="np")
+        if media == "video":
+            clip = [image] if isinstance(image, Image.Image) else list(image)
+            if len(clip) != frames:
+                raise DuetError(f"the clip has {len(clip)} frames; the model takes {frames}")
+            if tokens_per_image is None:
+                raise ValueError("a clip needs tokens_per_image (placeholders per frame)")
+            text, start = render_prompt(processor, prompt, num_images=1, raw=raw, media=media)
+            enc = {"input_ids": [_expand(processor.tokenizer(text)["input_ids"], image_token_id, frames)]}
+            pixels.append(_frame_pixels(processor.image_processor, clip))
+        else:
+            group = [image] if isinstance(image, Image.Image) else list(image)
+            text, start = render_prompt(processor, prompt, num_images=len(group), raw=raw)
+            enc = processor(images=group, text=text, return_tensors="np")
+            pixels.append(np.asarray(enc["pixel_values"], dtype=np.float32))
         ids = [int(x) for x in enc["input_ids"][0]]
-        pixels.append(np.asarray(enc["pixel_values"], dtype=np.float32))
         qmask = _query_mask(processor, text, start, prompt if not raw else text, ids, image_token_id)
         aligned &= qmask is not None
         qmask = qmask or [False] * len(ids)
         runs = _runs(ids, image_token_id)
         if tokens_per_image is not None:
-            ids = _resize_runs(ids, runs, [tokens_per_image] * len(runs), image_token_id)
-            qmask = _resize_runs(qmask, runs, [tokens_per_image] * len(runs), False)
+            lengths = [tokens_per_image * (frames if media == "video" else 1)] * len(runs)
+            ids = _resize_runs(ids, runs, lengths, image_token_id)
+            qmask = _resize_runs(qmask, runs, lengths, False)
         rows.append(ids)
         masks.append(qmask)
     if not aligned:

@@ -30,6 +30,7 @@ __all__ = [
     "LLAVA_CHAT_TEMPLATE",
     "TinyLlavaSpec",
     "build_tiny_llava",
+    "build_tiny_video_llava",
     "build_word_tokenizer",
     "tiny_vocabulary",
 ]
@@ -38,6 +39,7 @@ __all__ = [
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
     "{% endfor %}{% if message['role'] == 'assistant' %}{{ '</s>' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
@@ -164,7 +166,7 @@ def tiny_vocabulary() -> list[str]:
 
 
 def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    """A lower-casing word-level fast tokenizer with `<image>` as a special token."""
+    """A lower-casing word-level fast tokenizer with `<image>` (and `<video>`, if listed) as special tokens."""
     vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -180,7 +182,10 @@ def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={
+            "image_token": "<image>",
+            **({"video_token": "<video>"} if "<video>" in vocab else {}),
+        },
         padding_side="left",
         model_max_length=2048,
     )
@@ -274,6 +279,71 @@ def build_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec | None = No
     )
     torch.manual_seed(spec.seed)
     model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return out
+
+
+def build_tiny_video_llava(
+    out_dir: str | os.PathLike, spec: TinyLlavaSpec | None = None, frames: int = 4
+) -> Path:
+    """Write a random tiny Video-LLaVA checkpoint (`frames` frames per clip) to `out_dir`, atomically.
+
+    The processor files are those of LanguageBind/Video-LLaVA-7B-hf (processor_config.json naming
+    VideoLlavaProcessor, the image processor, the chat template), read back by `load_processor`.
+    """
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor
+
+    from duet_export.processors import FrameProcessor
+
+    spec = spec or TinyLlavaSpec()
+    out = Path(out_dir)
+    words = tiny_vocabulary()
+    words.insert(words.index("<image>") + 1, "<video>")
+    tokenizer = build_word_tokenizer(words)
+    llava = _llava_config(
+        spec,
+        vocab_size=len(words),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_id=tokenizer.pad_token_id,
+        eos_id=tokenizer.eos_token_id,
+        bos_id=tokenizer.bos_token_id,
+    )
+    n = (spec.image_size // spec.patch_size) ** 2
+    config = VideoLlavaConfig(
+        vision_config=llava.vision_config,
+        text_config=llava.text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=spec.feature_layer,
+        vision_feature_select_strategy="default",
+        image_seq_length=n,
+        video_seq_length=frames * (n + 1),
+    )
+    config.initializer_range = spec.init_range
+    image_processor = VideoLlavaImageProcessor(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+    )
+    processor = FrameProcessor(
+        tokenizer,
+        image_processor,
+        LLAVA_CHAT_TEMPLATE,
+        {
+            "processor_class": "VideoLlavaProcessor",
+            "patch_size": spec.patch_size,
+            "vision_feature_select_strategy": "default",
+            "num_additional_image_tokens": 1,
+            "image_token": "<image>",
+            "video_token": "<video>",
+        },
+    )
+    torch.manual_seed(spec.seed)
+    model = VideoLlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

@@ -25,8 +25,8 @@ from duet_export.config import DuetConfig
 from duet_export.data.records import TrainingExample
 from duet_export.errors import DuetError
 from duet_export.forward import IGNORE_INDEX
-from duet_export.inputs import encode_prompts
-from duet_export.loading import LoadedModel, load_image
+from duet_export.inputs import encode_prompts, placeholders_per_image
+from duet_export.loading import LoadedModel, load_visual
 
 __all__ = ["PARTS", "TrainResult", "TrainSettings", "VQACollator", "train"]
 
@@ -70,8 +70,8 @@ class VQACollator:
     def __init__(self, loaded: LoadedModel, config: DuetConfig | None) -> None:
         self.processor = loaded.processor
         self.image_token_id = loaded.adapter.image_token_id
-        stage1 = config is not None and config.stage1
-        self.tokens_per_image = config.tokens_per_frame(loaded.adapter.num_patches) if stage1 else None
+        self.adapter = loaded.adapter
+        self.tokens_per_image = placeholders_per_image(loaded.adapter, config)
         tok = loaded.tokenizer
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.eos = tok.eos_token_id
@@ -83,10 +83,11 @@ class VQACollator:
     def __call__(self, examples: Sequence[TrainingExample]) -> dict[str, torch.Tensor]:
         rows, pixels = [], []
         for ex in examples:
-            image = load_image(ex.image)
+            image = load_visual(ex.image, self.adapter)
             enc = encode_prompts(
-                self.processor, self.image_token_id, [image], [ex.question], self.tokens_per_image
-            )
+                self.processor, self.image_token_id, [image], [ex.question], self.tokens_per_image,
+                media=self.adapter.media, frames=self.adapter.frames,
+            )  # fmt: skip
             prompt = enc.input_ids[0].tolist()
             query = enc.query_mask[0].tolist() if enc.query_mask is not None else [False] * len(prompt)
             answer = self._answer_ids(ex.answer)
@@ -110,7 +111,7 @@ class VQACollator:
             "input_ids": ids,
             "attention_mask": mask,
             "labels": labels,
-            "pixel_values": torch.from_numpy(np.concatenate(pixels)),
+            **self.adapter.pixel_inputs(torch.from_numpy(np.concatenate(pixels))),
             "duet_query_mask": query,
         }
 

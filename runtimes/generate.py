@@ -27,6 +27,7 @@ from duet_export.prompts import EncodedPrompts, encode_prompts
 from duet_export.runtimes.binding import BoundSession
 from duet_export.runtimes.providers import ProviderSettings
 from duet_export.runtimes.session import Bundle, run_named
+from duet_export.video import open_clip
 
 __all__ = ["DecodeState", "OnnxVLM", "choose_tokens"]
 
@@ -128,6 +129,19 @@ class OnnxVLM:
             )
         return image
 
+    def load_visual(self, item) -> Image.Image | list[Image.Image]:
+        """One visual input: an image, or for a video bundle a clip (a folder of frames, a video file or a
+        list of images) of exactly the bundle's frame count."""
+        if self.manifest["image"].get("media", "image") != "video":
+            return self.load_image(item)
+        frames = int(self.manifest["image"]["frames"])
+        if isinstance(item, (str, os.PathLike)):
+            item = open_clip(item, frames)
+        clip = [self.load_image(frame) for frame in item]
+        if len(clip) != frames:
+            raise DuetError(f"the clip has {len(clip)} frames; the bundle takes {frames}")
+        return clip
+
     def encode(
         self, images: Sequence[ImageLike], prompts: Sequence[str], raw: bool = False
     ) -> EncodedPrompts:
@@ -135,7 +149,7 @@ class OnnxVLM:
         image = self.manifest["image"]
         if len(prompts) > self.batch:
             raise DuetError(f"{len(prompts)} prompts for a bundle exported with --batch {self.batch}")
-        pil = [self.load_image(im) for im in images]
+        pil = [self.load_visual(im) for im in images]
         enc = encode_prompts(
             self.processor,
             int(image["image_token_id"]),
@@ -144,6 +158,8 @@ class OnnxVLM:
             int(image["tokens_per_image"]),
             raw=raw,
             width=self.prompt_length,
+            media=image.get("media", "image"),
+            frames=int(image["frames"]),
         )
         expected = (len(prompts) * int(image["frames"]), int(image["channels"]), *image["size"])
         if enc.pixel_values.shape != expected:

@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from duet_export.errors import DuetError
 from duet_export.export.manifest import read_manifest
+from duet_export.processors import load_processor
 from duet_export.runtimes.providers import ProviderSettings, select_providers
 
 __all__ = ["Bundle", "open_session", "run_named"]
@@ -60,8 +61,6 @@ class Bundle:
         verify_digests: bool = False,
         session_options: ort.SessionOptions | None = None,
     ) -> Bundle:
-        import transformers
-
         root = Path(path)
         manifest = read_manifest(root, verify_digests=verify_digests)
         missing = [g for g in GRAPHS if g not in manifest.get("graphs", {})]
@@ -74,7 +73,7 @@ class Bundle:
                 "--target migraphx (lowered, static)"
             )
         try:
-            processor = transformers.AutoProcessor.from_pretrained(root)
+            processor = load_processor(root)
         except Exception as e:
             first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
             raise DuetError(f"{root}: cannot load the tokenizer/processor files: {first[:200]}") from None

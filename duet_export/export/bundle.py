@@ -123,10 +123,15 @@ def export_bundle(
     forward = DuetForward(loaded.model, adapter, config)
     budget = report(config, geometry)
     b = options.batch
-    per_image = config.tokens_per_frame(geometry.num_patches)
+    # Stage 1 off: as many tokens per image/frame as the processor writes (a video frame keeps its CLS).
+    per_image = (
+        config.tokens_per_frame(geometry.num_patches)
+        if config.stage1
+        else adapter.uncompressed_tokens_per_image
+    )
     visual = per_image * geometry.frames
     length = options.max_prompt + visual
-    group_lengths = [length - visual + v for v in budget.group_tokens]
+    group_lengths = [length - visual + v for v in [visual, *budget.group_tokens[1:]]]
     capacity = [t + options.max_new_tokens for t in group_lengths]
     text_cfg = adapter.text_config
     kv_heads = text_cfg.num_key_value_heads
@@ -197,6 +202,7 @@ def export_bundle(
         "image": {
             "size": [image_size, image_size],
             "channels": 3,
+            "media": adapter.media,
             "frames": geometry.frames,
             "patches": geometry.num_patches,
             "tokens_per_image": per_image,

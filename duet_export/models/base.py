@@ -48,6 +48,7 @@ class Adapter(ABC):
     family: ClassVar[str]
     model_classes: ClassVar[tuple[str, ...]]
     rules: ClassVar[ReferenceRules] = LLAVA_RULES
+    media: ClassVar[str] = "image"  # "video": one visual input is a clip of `frames` images
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -79,6 +80,11 @@ class Adapter(ABC):
         return self.num_patches
 
     # ------------------------------------------------------------------ vision side
+    def pixel_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[n_images, 3, H, W] pixels under the keyword (and shape) the stock model's forward takes them.
+        `DuetForward` accepts the same keywords, so one set of inputs serves both."""
+        return {"pixel_values": pixels}
+
     @abstractmethod
     def vision_layer(self, pixel_values: torch.Tensor, need_scores: bool) -> VisionLayerOutput: ...
 

@@ -22,7 +22,7 @@ class LlavaAdapter(Adapter):
         layer = cfg.vision_feature_layer
         if not isinstance(layer, int):
             raise DuetError(f"Stage 1 needs a single vision_feature_layer; this checkpoint uses {layer}")
-        tower = model.model.vision_tower
+        tower = self.tower
         if not hasattr(tower, "encoder") or not hasattr(tower, "embeddings"):
             raise DuetError(
                 f"unsupported vision tower {type(tower).__name__}: DUET needs a CLIP-style tower with a CLS token"
@@ -37,6 +37,11 @@ class LlavaAdapter(Adapter):
         vc = cfg.vision_config
         self.image_size = vc.image_size
         self.patch_size = vc.patch_size
+
+    @property
+    def tower(self) -> nn.Module:
+        """The CLIP tower that encodes this family's visual input."""
+        return self.model.model.vision_tower
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -57,7 +62,7 @@ class LlavaAdapter(Adapter):
 
     # ------------------------------------------------------------------ vision side
     def vision_layer(self, pixel_values: torch.Tensor, need_scores: bool) -> VisionLayerOutput:
-        tower = self.model.model.vision_tower
+        tower = self.tower
         hidden = tower.embeddings(pixel_values.to(dtype=tower.embeddings.patch_embedding.weight.dtype))
         hidden = tower.pre_layrnorm(hidden)
         layers = tower.encoder.layers
@@ -116,7 +121,7 @@ class LlavaAdapter(Adapter):
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         inner = self.model.model
         return {
-            "vision": list(inner.vision_tower.parameters()),
+            "vision": list(self.tower.parameters()),
             "projector": list(inner.multi_modal_projector.parameters()),
             "llm": [*inner.language_model.parameters(), *self.model.lm_head.parameters()],
         }

@@ -1,0 +1,93 @@
+"""Load a checkpoint's (or bundle's) processor, for the PyTorch path and the torch-free runtime alike.
+
+Most families load with `AutoProcessor`. Video-LLaVA's processor cannot be built without torchvision (its
+video processor is torchvision-only in transformers 5), yet its frames need nothing more than the image
+processor: the stock video processor applies the same CLIP resize, crop and normalisation to every frame.
+So a video checkpoint gets a `FrameProcessor` made of its own tokenizer, image processor and chat template,
+and its prompts are expanded here exactly as the stock processor would (frames x (1 + N) placeholders).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from duet_export.errors import DuetError
+
+__all__ = ["FrameProcessor", "load_processor"]
+
+_FRAME_PROCESSORS = ("VideoLlavaProcessor",)
+
+
+class FrameProcessor:
+    """Tokenizer + image processor + chat template of a video checkpoint (the parts DUET's prompts use)."""
+
+    def __init__(self, tokenizer, image_processor, chat_template: str | None, config: dict) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+        self.config = config
+        self.image_token = config.get("image_token", "<image>")
+        self.video_token = config.get("video_token", "<video>")
+
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = False):
+        return self.tokenizer.apply_chat_template(
+            conversation,
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=tokenize,
+        )
+
+    def __call__(self, images=None, text=None, return_tensors="np", **kwargs):
+        raise DuetError("a video checkpoint's prompts are built by duet_export.prompts.encode_prompts")
+
+    def save_pretrained(self, out: str | os.PathLike) -> None:
+        """Write the same files a checkpoint holds, so AutoProcessor (with torchvision) can load them too."""
+        out = Path(out)
+        self.tokenizer.save_pretrained(out)
+        self.image_processor.save_pretrained(out)
+        if self.chat_template:
+            (out / "chat_template.jinja").write_text(self.chat_template)
+        (out / "processor_config.json").write_text(json.dumps(self.config, indent=2))
+
+
+def _processor_class(root: Path) -> str | None:
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = root / name
+        if path.is_file():
+            try:
+                cls = json.loads(path.read_text()).get("processor_class")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if cls:
+                return cls
+    return None
+
+
+def _chat_template(root: Path, tokenizer) -> str | None:
+    jinja = root / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    legacy = root / "chat_template.json"
+    if legacy.is_file():
+        return json.loads(legacy.read_text()).get("chat_template")
+    return getattr(tokenizer, "chat_template", None)
+
+
+def load_processor(path: str | os.PathLike):
+    """The processor stored in `path`: a `FrameProcessor` for video checkpoints, else `AutoProcessor`'s.
+
+    Raises exceptions from transformers unchanged; callers turn them into one-line errors.
+    """
+    import transformers
+
+    root = Path(path)
+    cls = _processor_class(root)
+    if cls not in _FRAME_PROCESSORS:
+        return transformers.AutoProcessor.from_pretrained(root)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(root)
+    image_processor = transformers.AutoImageProcessor.from_pretrained(root)
+    stored = root / "processor_config.json"
+    config = json.loads(stored.read_text()) if stored.is_file() else {"processor_class": cls}
+    return FrameProcessor(tokenizer, image_processor, _chat_template(root, tokenizer), config)

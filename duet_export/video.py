@@ -1,0 +1,68 @@
+"""Read a video clip as the frames a video model takes: from a folder of frame images or a video file.
+
+Torch-free (the onnxruntime runtime uses it). Frames are sampled uniformly as Video-LLaVA's own example
+does (`np.arange(0, total, total / frames)`). Video files are decoded with PyAV, an optional extra
+(`pip install 'duet-export[video]'`); a folder of frames needs nothing more than Pillow.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from duet_export.errors import DuetError
+from duet_export.images import open_image
+
+__all__ = ["FRAME_SUFFIXES", "open_clip", "sample_indices"]
+
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def sample_indices(total: int, frames: int) -> list[int]:
+    """`frames` indices spread evenly over `total` frames, first frame included."""
+    if total < frames:
+        raise DuetError(f"the clip has {total} frames; the model takes {frames}")
+    return [int(i) for i in np.arange(0, total, total / frames).astype(int)[:frames]]
+
+
+def _folder_frames(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES)
+    if not files:
+        raise DuetError(f"{folder} holds no frame images ({', '.join(FRAME_SUFFIXES)})")
+    return files
+
+
+def _decode(path: Path, frames: int) -> list[Image.Image]:
+    try:
+        import av
+    except ImportError:
+        raise DuetError(
+            f"reading {path.name} needs PyAV: pip install 'duet-export[video]' (or give a folder of frames)"
+        ) from None
+    try:
+        with av.open(str(path)) as container:
+            decoded = [f.to_image() for f in container.decode(video=0)]
+    except (av.error.FFmpegError, ValueError, IndexError) as e:
+        raise DuetError(f"{path} is not a video PyAV can read ({e.__class__.__name__})") from None
+    return [decoded[i] for i in sample_indices(len(decoded), frames)]
+
+
+def open_clip(path: str | os.PathLike, frames: int) -> list[Image.Image]:
+    """`frames` RGB frames from a folder of images (sorted by name) or a video file, or a one-line error."""
+    p = Path(path)
+    if p.is_dir():
+        files = _folder_frames(p)
+        clip = [open_image(files[i]) for i in sample_indices(len(files), frames)]
+    elif p.is_file() and p.suffix.lower() in FRAME_SUFFIXES:
+        raise DuetError(f"{p} is one image; a video model takes a clip: a folder of frames or a video file")
+    elif p.is_file():
+        clip = _decode(p, frames)
+    else:
+        raise DuetError(f"{p}: no such video file or folder of frames")
+    sizes = {im.size for im in clip}
+    if len(sizes) > 1:
+        raise DuetError(f"{p}: frames differ in size ({', '.join(f'{w}x{h}' for w, h in sorted(sizes))})")
+    return [im.convert("RGB") for im in clip]
