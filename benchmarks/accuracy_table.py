@@ -12,7 +12,11 @@ to N):
 "DUET trained" continues the full model's training for `--finetune-steps` more steps with compression in
 the forward pass. Writes table.md, accuracy.png and results.json to --out.
 
+`--video` runs the same recipe on clips (a tiny Video-LLaVA, 4 frames of 2x2 grids at 64 px, N = 4 x 64 =
+256 patches) at the paper's video reductions, ~53 % and ~93 % (960 and 136 of 2048).
+
     .venv/bin/python benchmarks/accuracy_table.py --out results/accuracy          # ~45 min on 2 cores
+    .venv/bin/python benchmarks/accuracy_table.py --out results/video --video
     .venv/bin/python benchmarks/accuracy_table.py --out /tmp/acc --quick          # smoke test, < 1 min
 """
 
@@ -21,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +36,7 @@ from duet_export.data.records import read_llava_json, read_questions
 from duet_export.evaluation import evaluate
 from duet_export.loading import load
 from duet_export.stages.budget import report, resolve_budget
-from duet_export.tiny import TinyLlavaSpec, build_tiny_llava
+from duet_export.tiny import TinyLlavaSpec, build_tiny_llava, build_tiny_video_llava
 from duet_export.training import TrainSettings, train
 
 MODEL = TinyLlavaSpec(
@@ -56,6 +60,12 @@ MODEL = TinyLlavaSpec(
 DATA = dict(rows=4, cols=4, cell=32, digit=8, align=8)
 REDUCTIONS = (2 / 3, 8 / 9)  # the paper's 192/576 and 64/576
 
+# Video: 4 frames of 2x2 cells (64 px, 64 patches each), the same tower and decoder sizes.
+VIDEO_FRAMES = 4
+VIDEO_MODEL = replace(MODEL, image_size=64)
+VIDEO_DATA = dict(rows=2, cols=2, cell=32, digit=8, align=8, frames=VIDEO_FRAMES)
+VIDEO_REDUCTIONS = (1 - 960 / 2048, 1 - 136 / 2048)  # the paper's Video-LLaVA settings
+
 
 def pretrain_vision(model_dir: Path, data: Path, steps: int, batch: int, seed: int) -> float:
     """Stage 0 of the LLaVA recipe, done here instead of downloading CLIP: teach the vision tower to tell
@@ -67,7 +77,7 @@ def pretrain_vision(model_dir: Path, data: Path, steps: int, batch: int, seed: i
     from PIL import Image
 
     loaded = load(model_dir)
-    adapter, tower = loaded.adapter, loaded.model.model.vision_tower
+    adapter, tower = loaded.adapter, loaded.adapter.tower
     patch, grid = adapter.patch_size, adapter.image_size // adapter.patch_size
     head = torch.nn.Linear(tower.config.hidden_size, 11)
     rows = [json.loads(line) for line in (data / "train_layout.jsonl").read_text().splitlines() if line]
@@ -79,7 +89,8 @@ def pretrain_vision(model_dir: Path, data: Path, steps: int, batch: int, seed: i
     for step in range(steps):
         chunk = rng.sample(rows, batch)
         images = [Image.open(data / r["image"]).convert("RGB") for r in chunk]
-        pixels = loaded.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        out = loaded.processor.image_processor(images, return_tensors="pt")
+        pixels = out["pixel_values"] if "pixel_values" in out else out["pixel_values_images"]
         target = torch.full((batch, grid * grid), 10, dtype=torch.long)
         for i, r in enumerate(chunk):
             for y, x, size, label in r["digits"]:
@@ -106,7 +117,7 @@ def pretrain_vision(model_dir: Path, data: Path, steps: int, batch: int, seed: i
 
 
 def stage1_only(duet: DuetConfig, budget: int) -> DuetConfig:
-    """V2V alone down to `budget` tokens, with DUET's dominant/contextual split."""
+    """V2V alone down to `budget` tokens per image (or frame), with DUET's dominant/contextual split."""
     share = duet.contextual / (duet.dominant + duet.contextual)
     contextual = round(budget * share)
     return DuetConfig(dominant=budget - contextual, contextual=contextual, cluster_width=duet.cluster_width)
@@ -114,7 +125,7 @@ def stage1_only(duet: DuetConfig, budget: int) -> DuetConfig:
 
 def stage2_only(geometry, budget: float) -> DuetConfig:
     """T2V alone (all N patches enter): one drop before layer 1, keeping what meets the budget."""
-    n, layers = geometry.num_patches, geometry.num_layers
+    n, layers = geometry.total_patches, geometry.num_layers
     ratio = max(0.0, (budget * layers / n - 1) / (layers - 1))
     return DuetConfig(drop_layers=(1,), keep_ratios=(round(ratio, 4),))
 
@@ -123,6 +134,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("results/accuracy"))
     ap.add_argument("--quick", action="store_true", help="tiny data and few steps: checks the pipeline only")
+    ap.add_argument(
+        "--video", action="store_true", help="clips and a tiny Video-LLaVA, at the video reductions"
+    )
     ap.add_argument("--steps", type=int, default=5000, help="training steps of the full model")
     ap.add_argument("--finetune-steps", type=int, default=600, help="steps of training with compression")
     ap.add_argument("--vision-steps", type=int, default=300, help="steps of vision-tower pre-training")
@@ -140,9 +154,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
+    model_spec, layout, reductions = (
+        (VIDEO_MODEL, VIDEO_DATA, VIDEO_REDUCTIONS) if args.video else (MODEL, DATA, REDUCTIONS)
+    )
     data = out / "data"
     if not (data / "spec.json").is_file():
-        spec = GridSpec(**DATA, train_images=args.train_images, test_images=args.test_images, seed=args.seed)
+        spec = GridSpec(
+            **layout, train_images=args.train_images, test_images=args.test_images, seed=args.seed
+        )
         build_griddigits(data, spec)
     examples = read_llava_json(data / "train.json")
     questions = read_questions(data / "test.jsonl")
@@ -150,7 +169,10 @@ def main() -> None:
 
     base = out / "base"
     if not (base / "config.json").is_file():
-        build_tiny_llava(base, MODEL)
+        if args.video:
+            build_tiny_video_llava(base, model_spec, frames=VIDEO_FRAMES)
+        else:
+            build_tiny_llava(base, model_spec)
         pretrain_vision(base, data, args.vision_steps, 32, args.seed)
     full_dir = out / "full"
     settings = TrainSettings(
@@ -160,8 +182,8 @@ def main() -> None:
     full_train = train(load(base), examples, full_dir, None, settings)
     loaded = load(full_dir)
     geometry = loaded.adapter.geometry()
-    n = geometry.num_patches
-    print(f"geometry: N={n} patches, L={geometry.num_layers} layers")
+    n = geometry.total_patches
+    print(f"geometry: N={n} patches ({geometry.frames} frame(s)), L={geometry.num_layers} layers")
 
     rows = []
 
@@ -184,11 +206,11 @@ def main() -> None:
         print(f"{name:<28} {result.summary()}")
 
     run("full model", None, train_result=full_train, target=0.0)
-    for reduction in REDUCTIONS:
+    for reduction in reductions:
         budget = n * (1 - reduction)
         duet = resolve_budget(budget, geometry, rules=loaded.adapter.rules)
-        visual = round(report(duet, geometry).average_tokens)
-        run("Stage 1 only (V2V)", stage1_only(duet, visual), target=reduction)
+        per_frame = round(report(duet, geometry).average_tokens / geometry.frames)
+        run("Stage 1 only (V2V)", stage1_only(duet, per_frame), target=reduction)
         run("Stage 2 only (T2V)", stage2_only(geometry, budget), target=reduction)
         run("DUET inference-only", duet, target=reduction)
         tuned_dir = out / f"duet-trained-{round(100 * reduction)}"
@@ -203,8 +225,9 @@ def main() -> None:
     summary = {
         "rows": rows,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "model": asdict(MODEL),
-        "geometry": {"num_patches": n, "num_layers": geometry.num_layers},
+        "model": asdict(model_spec),
+        "family": loaded.adapter.family,
+        "geometry": {"num_patches": n, "frames": geometry.frames, "num_layers": geometry.num_layers},
         "cores": torch.get_num_threads(),
         "total_minutes": (time.perf_counter() - started) / 60,
     }
@@ -268,7 +291,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot(*zip(*pts, strict=True), marker=marker, ms=8 if marker == "*" else 6, label=name)
     ax.set_xlabel("average visual tokens per decoder layer")
     ax.set_ylabel("GridDigits-VQA test accuracy (%)")
-    ax.set_title(f"Accuracy vs visual tokens (N = {round(full['average_tokens'])} patches)")
+    ax.set_title(f"Accuracy vs visual tokens (N = {round(full['average_tokens'])} patches per sample)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

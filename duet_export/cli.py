@@ -338,16 +338,22 @@ def data_group() -> None:
 @click.option("--test-images", type=int, default=300, show_default=True)
 @click.option("--rows", type=int, default=3, show_default=True)
 @click.option("--cols", type=int, default=3, show_default=True)
+@click.option(
+    "--frames", type=int, default=1, show_default=True, help="More than 1: clips of this many grids (video)."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-def griddigits_cmd(out_dir, train_images, test_images, rows, cols, seed) -> None:
+def griddigits_cmd(out_dir, train_images, test_images, rows, cols, frames, seed) -> None:
     """GridDigits-VQA from scikit-learn's handwritten digits: train.json (LLaVA format) + test.jsonl."""
     from duet_export.data.griddigits import GridSpec, build_griddigits
 
-    if min(train_images, test_images, rows, cols) < 1:
-        raise DuetError("image counts, rows and cols must be at least 1")
-    spec = GridSpec(rows=rows, cols=cols, train_images=train_images, test_images=test_images, seed=seed)
+    if min(train_images, test_images, rows, cols, frames) < 1:
+        raise DuetError("image counts, rows, cols and frames must be at least 1")
+    spec = GridSpec(
+        rows=rows, cols=cols, frames=frames, train_images=train_images, test_images=test_images, seed=seed
+    )
     build_griddigits(out_dir, spec, echo=click.echo)
-    click.echo(f"written to {out_dir} ({spec.size[0]}x{spec.size[1]} px images)")
+    what = f"clips of {frames} frames of" if frames > 1 else "images of"
+    click.echo(f"written to {out_dir} ({what} {spec.size[0]}x{spec.size[1]} px)")
 
 
 def _training_data(data: str, image_folder: str | None):
@@ -461,9 +467,16 @@ def eval_cmd(
 
 @cli.command("bench")
 @click.argument("model_dir", required=False, type=click.Path())
-@click.option("--shape", help="A named random model instead of MODEL_DIR (llava-1.5-mini, llava-1.5-7b).")
 @click.option(
-    "--budget", "budgets", type=float, multiple=True, help="Budgets to compare (default: N/3 and N/9)."
+    "--shape",
+    help="A named random model instead of MODEL_DIR (llava-1.5-mini, video-llava-mini, llava-1.5-7b).",
+)
+@click.option(
+    "--budget",
+    "budgets",
+    type=float,
+    multiple=True,
+    help="Budgets to compare (default: N/3 and N/9; video: 960 and 136 of 2048, scaled).",
 )
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
 @click.option("--repeats", type=int, default=7, show_default=True)

@@ -50,8 +50,29 @@ def test_griddigits_is_deterministic_and_splits_are_disjoint(grid, tmp_path):
     layout = [json.loads(line) for line in (grid / "train_layout.jsonl").read_text().splitlines()]
     assert len(layout) == SPEC.train_images and all(len(box) == 4 for r in layout for box in r["digits"])
     examples = read_llava_json(grid / "train.json")
-    assert len(examples) == 4 * SPEC.train_images and all(e.image.is_file() for e in examples)
-    assert sum(e.question == "Read the grid." for e in examples) == SPEC.train_images
+    assert len(examples) == 5 * SPEC.train_images and all(e.image.is_file() for e in examples)
+    # The dense answers depend on the question: which row to read, which digits are present.
+    reads = [e for e in examples if e.question.startswith("Read row ")]
+    assert len(reads) == SPEC.train_images and all(len(e.answer.split()) == SPEC.cols for e in reads)
+    assert sum(e.question == "Which digits are in the image?" for e in examples) == SPEC.train_images
+
+
+def test_griddigits_clips(tmp_path):
+    spec = GridSpec(rows=1, cols=2, cell=32, digit=16, frames=3, train_images=4, test_images=3, seed=1)
+    build_griddigits(tmp_path / "clips", spec, echo=lambda m: None)
+    questions = read_questions(tmp_path / "clips" / "test.jsonl")
+    assert {q.kind for q in questions} == {"region", "presence", "count"}
+    assert all(q.image.is_dir() and len(list(q.image.glob("*.png"))) == 3 for q in questions)
+    counts = [int(q.answer) for q in questions if q.kind == "count"]
+    assert all(0 <= c <= 3 for c in counts) and all(
+        "frames" in q.text for q in questions if q.kind == "count"
+    )
+    region = next(q for q in questions if q.kind == "region")
+    assert region.text.startswith("What digit is in frame ")
+    examples = read_llava_json(tmp_path / "clips" / "train.json")
+    assert sum(e.question.startswith("Read frame ") for e in examples) == 4
+    layout = (tmp_path / "clips" / "train_layout.jsonl").read_text().splitlines()
+    assert len(layout) == 4 * 3  # one line per frame image
 
 
 def _weights(path):

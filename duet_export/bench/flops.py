@@ -48,10 +48,17 @@ def prefill_flops(adapter: Adapter, config: DuetConfig | None, text_tokens: int)
     compressed = config is not None and config.stage1
     layers = adapter.feature_layer_index + 1 if compressed else vc.num_hidden_layers
     patch_embed = 2 * n * 3 * vc.patch_size**2 * d
-    per_image_tokens = config.tokens_per_frame(n) if config is not None and config.stage1 else n
+    per_image_tokens = config.tokens_per_frame(n) if compressed else adapter.uncompressed_tokens_per_image
     projector = 2 * per_image_tokens * (d * tc.hidden_size + tc.hidden_size * tc.hidden_size)
     vision = frames * (patch_embed + layers * per_layer + projector)
-    counts = (config or DuetConfig()).tokens_per_layer(geometry)
+    cfg_or_off = config or DuetConfig()
+    counts = cfg_or_off.tokens_per_layer(geometry)
+    if (
+        not compressed
+    ):  # the layers before the first drop see what the processor wrote (a video frame: CLS too)
+        first = cfg_or_off.group_bounds(geometry.num_layers)[0][1]
+        extra = (adapter.uncompressed_tokens_per_image - n) * frames
+        counts = [c + extra if k < first else c for k, c in enumerate(counts)]
     heads, kv = tc.num_attention_heads, tc.num_key_value_heads
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
     decoder = sum(

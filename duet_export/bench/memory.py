@@ -27,25 +27,24 @@ def _peak_mb() -> float:
 def main(argv: list[str]) -> None:
     kind, path, prompt, image_path = argv[:4]
     config_json = argv[4] if len(argv) > 4 else "null"
-    from PIL import Image
-
-    image = Image.open(image_path).convert("RGB")
     if kind == "onnx":
         from duet_export.generate import GenerationSettings
         from duet_export.runtimes import OnnxVLM
 
         vlm = OnnxVLM(path, provider="cpu")
-        vlm.generate([image], [prompt], GenerationSettings(max_new_tokens=4))
+        vlm.generate([image_path], [prompt], GenerationSettings(max_new_tokens=4))
     else:
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
         from duet_export import DuetConfig, GenerationSettings, compress, generate_answers, load
+        from duet_export.loading import load_visual
 
         loaded = load(path)
         config = json.loads(config_json)
         if config is not None:
             compress(loaded.model, DuetConfig.from_dict(config))
+        image = load_visual(image_path, loaded.adapter)
         generate_answers(loaded, [image], [prompt], GenerationSettings(max_new_tokens=4))
     print(json.dumps({"peak_rss_mb": round(_peak_mb(), 1)}))
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from duet_export.bench.flops import prefill_flops
-from duet_export.bench.shapes import SHAPES, shape_spec
+from duet_export.bench.shapes import SHAPE_FRAMES, SHAPES, shape_spec
 from duet_export.compress import compress, decompress
 from duet_export.config import DuetConfig
 from duet_export.errors import DuetError
@@ -29,7 +29,7 @@ from duet_export.export.bundle import ExportOptions, export_bundle
 from duet_export.inputs import prepare_inputs
 from duet_export.loading import LoadedModel, load
 from duet_export.stages.budget import report, resolve_budget
-from duet_export.tiny import build_tiny_llava
+from duet_export.tiny import build_tiny_llava, build_tiny_video_llava
 
 __all__ = ["BenchSettings", "Case", "run_bench"]
 
@@ -112,7 +112,29 @@ def ensure_model(source: str, workdir: Path, image_size: int | None = None, echo
         echo(
             f"building the random {source} model at {spec.image_size} px in {path} (speed needs no trained weights)"
         )
-        build_tiny_llava(path, spec)
+        if source in SHAPE_FRAMES:
+            build_tiny_video_llava(path, spec, frames=SHAPE_FRAMES[source])
+        else:
+            build_tiny_llava(path, spec)
+    return path
+
+
+def bench_input(adapter, size: int):
+    """The benchmark's visual input: the demo image, or for a video model a clip of shifted copies of it."""
+    image = bench_image(size)
+    if adapter.media != "video":
+        return image
+    return [image.rotate(15 * f) for f in range(adapter.frames)]
+
+
+def save_input(visual, path: Path) -> Path:
+    """Write the benchmark's input for the memory subprocesses: an image file or a folder of frames."""
+    if isinstance(visual, list):
+        path.mkdir(parents=True, exist_ok=True)
+        for f, frame in enumerate(visual):
+            frame.save(path / f"{f:02d}.png")
+    else:
+        visual.save(path)
     return path
 
 
@@ -163,13 +185,15 @@ def _eager_round(
         compress(model, config)
     else:
         decompress(model)
-    pixels = inputs["pixel_values"]
     with torch.no_grad():
         s = time.perf_counter()
         if config is not None:
-            loaded.adapter.visual_features(pixels, config)
+            pixels = inputs.get("pixel_values", inputs.get("pixel_values_videos"))
+            loaded.adapter.visual_features(pixels.flatten(0, pixels.dim() - 4), config)
+        elif "pixel_values_videos" in inputs:
+            model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"])
         else:
-            model.model.get_image_features(pixel_values=pixels)
+            model.model.get_image_features(pixel_values=inputs["pixel_values"])
         vision = time.perf_counter() - s
         start = time.perf_counter()
         out = model(**inputs, use_cache=True, logits_to_keep=1)
@@ -198,7 +222,7 @@ def _memory(kind: str, path: Path, prompt: str, image_file: Path, config: DuetCo
     return json.loads(lines[-1])["peak_rss_mb"] if proc.returncode == 0 and lines else None
 
 
-def _stage_share(bundle: Path, lowered: bool, runs: int = 5) -> dict[str, float]:
+def _stage_share(bundle: Path, visual, lowered: bool, runs: int = 5) -> dict[str, float]:
     """Share of vision+prefill kernel time spent in the Stage 1/2 nodes (onnxruntime profiling)."""
     import onnx_ir as ir
     import onnxruntime as ort
@@ -208,9 +232,8 @@ def _stage_share(bundle: Path, lowered: bool, runs: int = 5) -> dict[str, float]
     from duet_export.runtimes.generate import OnnxVLM
 
     vlm = OnnxVLM(bundle, provider="cpu")
-    manifest = vlm.manifest
     feeds = {}
-    inputs = vlm._pad_batch(vlm.encode([bench_image(manifest["image"]["size"][0])], [prompt_of(8)]))
+    inputs = vlm._pad_batch(vlm.encode([visual], [prompt_of(8)]))
     feeds["vision"] = {"pixel_values": inputs["pixel_values"]}
     feeds["prefill"] = vlm.prefill_feed(inputs, vlm.vision(inputs["pixel_values"]))
     totals = {"stage": 0.0, "all": 0.0}
@@ -240,7 +263,10 @@ def _stage_share(bundle: Path, lowered: bool, runs: int = 5) -> dict[str, float]
             "share": totals["stage"] / totals["all"] if totals["all"] else float("nan")}  # fmt: skip
 
 
-def _default_budgets(n: int) -> tuple[float, ...]:
+def _default_budgets(n: int, frames: int) -> tuple[float, ...]:
+    """The paper's settings: 192 and 64 of 576 for images; 960 and 136 of 2048 for Video-LLaVA's clips."""
+    if frames > 1:
+        return (round(n * 960 / 2048, 2), round(n * 136 / 2048, 2))
     return (round(n / 3, 2), round(n / 9, 2))
 
 
@@ -253,8 +279,8 @@ def run_bench(
     model_dir = ensure_model(source, out / "models", echo=echo)
     loaded = load(model_dir)
     geometry = loaded.adapter.geometry()
-    n = geometry.num_patches
-    budgets = settings.budgets or _default_budgets(n)
+    n = geometry.total_patches
+    budgets = settings.budgets or _default_budgets(n, geometry.frames)
     options = ExportOptions(
         target="cpu", max_prompt=settings.prompt_tokens + 16, max_new_tokens=settings.decode_tokens + 2
     )
@@ -267,7 +293,7 @@ def run_bench(
 
     from duet_export.runtimes import OnnxVLM
 
-    image = bench_image(loaded.adapter.image_size)
+    image = bench_input(loaded.adapter, loaded.adapter.image_size)
     prompt = prompt_of(settings.prompt_tokens)
     vlms = {c.name: OnnxVLM(c.bundle, provider=settings.provider) for c in cases}
     onnx_inputs = {c.name: vlms[c.name]._pad_batch(vlms[c.name].encode([image], [prompt])) for c in cases}
@@ -293,8 +319,7 @@ def run_bench(
                     case.add(f"eager_{k}", v)
     full_flops = prefill_flops(loaded.adapter, None, settings.prompt_tokens).total
     rows = []
-    image_file = out / "bench-image.png"
-    image.save(image_file)
+    image_file = save_input(image, out / ("bench-clip" if isinstance(image, list) else "bench-image.png"))
     for case in cases:
         manifest = vlms[case.name].manifest
         flops = prefill_flops(loaded.adapter, case.config, settings.prompt_tokens)
@@ -320,8 +345,8 @@ def run_bench(
                 row["peak_rss_mb_eager"] = _memory("eager", model_dir, prompt, image_file, case.config)
         if settings.overhead and case.config is not None:
             echo(f"profiling the stage nodes of {case.name} ...")
-            row["stage_share_custom_op"] = _stage_share(case.bundle, lowered=False)
-            row["stage_share_lowered"] = _stage_share(case.bundle, lowered=True)
+            row["stage_share_custom_op"] = _stage_share(case.bundle, image, lowered=False)
+            row["stage_share_lowered"] = _stage_share(case.bundle, image, lowered=True)
         rows.append(row)
     full = rows[0]["timings"]
     for row in rows:
@@ -335,14 +360,14 @@ def run_bench(
         "source": source,
         "model_dir": str(model_dir),
         "weights": "random (speed does not depend on trained weights)" if source in SHAPES else "as given",
-        "geometry": {"num_patches": n, "num_layers": geometry.num_layers},
+        "geometry": {"num_patches": n, "frames": geometry.frames, "num_layers": geometry.num_layers},
         "settings": asdict(settings),
         "provider": vlms["full"].bundle.provider,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
     }
-    if settings.sweep and source in SHAPES:
+    if settings.sweep and source in SHAPES and source not in SHAPE_FRAMES:
         result["sweep"] = _sweep(source, out, settings, budgets[-1], n, echo)
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     return result

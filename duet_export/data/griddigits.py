@@ -7,9 +7,15 @@ empty background. Three kinds of questions, each answered with one word:
 - presence: "Is there a 7 in the image?"                 -> "yes" / "no" (balanced, POPE style)
 - count:    "How many cells show a 7?"                   -> "0".."9"
 
-Training images also get "Read the grid." answered with every cell in reading order ("4 - 7 0 ..."): the
-dense supervision a captioning stage gives real VLMs, without which a model trained from scratch learns
-only the answer priors for a long while. Test questions are the three kinds above.
+With `frames > 1` every sample is a clip of that many grids (a folder of frame PNGs, Video-LLaVA's `video`
+records) and the questions ask about the clip: "What digit is in frame 2, row 1, column 2?", "Is there a 7
+in the clip?", "How many frames show a 3?".
+
+Training samples also get dense, question-dependent supervision, the part a captioning stage plays for real
+VLMs: "Read row 2." (or "Read frame 2.") answered with those cells in reading order ("4 - 7 0"), and "Which
+digits are in the image?" answered with the sorted digits present. Without it a model trained from scratch
+sits at the answer priors; with a question-independent transcription instead ("Read the grid.") it learns to
+read but ignores the question. Test questions are the three kinds above.
 
 Train and test images draw their digits from disjoint halves of the scans, so the test measures reading
 digits never seen in training. Everything is seeded: the same arguments give the same files.
@@ -25,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from duet_export.atomic import atomic_dir
+from duet_export.errors import DuetError
 
 __all__ = ["GridSpec", "build_griddigits", "render_grid"]
 
@@ -37,7 +44,8 @@ class GridSpec:
     digit: int = 24
     empty: float = 0.25  # probability that a cell is empty
     align: int = 0  # >0: digits sit on a grid of this many pixels (e.g. the model's patch size)
-    transcribe: bool = True  # training images also get "Read the grid." -> every cell in reading order
+    transcribe: bool = True  # training samples also get the dense "Read row ..." / "Which digits ..." answers
+    frames: int = 1  # >1: every sample is a clip of this many grids
     train_images: int = 3000
     test_images: int = 300
     seed: int = 0
@@ -87,64 +95,89 @@ def render_grid(
     return Image.fromarray(canvas.astype(np.uint8)).convert("RGB"), boxes
 
 
+def _cells(values: np.ndarray) -> str:
+    return " ".join(str(x) if x >= 0 else "-" for x in values.ravel())
+
+
 def _questions(
     spec: GridSpec, labels: np.ndarray, rng: np.random.Generator, transcribe: bool
 ) -> list[tuple[str, str, str]]:
-    """(kind, question, answer) for one grid: one region, one presence and one count question (and, for
-    training, a transcription: the dense supervision that LLaVA's captioning stage gives real models)."""
-    filled = [(r, c) for r in range(spec.rows) for c in range(spec.cols) if labels[r, c] >= 0]
+    """(kind, question, answer) for one sample (`labels` is [frames, rows, cols], -1 = empty): one region,
+    one presence and one count question, and for training the dense answers (see the module docstring)."""
+    clip = spec.frames > 1
+    where = "clip" if clip else "image"
+    present = sorted({int(x) for x in labels.ravel() if x >= 0})
     out = []
     if transcribe:
-        cells = " ".join(str(x) if x >= 0 else "-" for x in labels.ravel())
-        out.append(("transcribe", "Read the grid.", cells))
-    if filled:
-        r, c = filled[rng.integers(len(filled))]
-        out.append(("region", f"What digit is in row {r + 1}, column {c + 1}?", str(labels[r, c])))
-    present = sorted({int(x) for x in labels.ravel() if x >= 0})
+        if clip:
+            f = int(rng.integers(spec.frames))
+            out.append(("read", f"Read frame {f + 1}.", _cells(labels[f])))
+        else:
+            r = int(rng.integers(spec.rows))
+            out.append(("read", f"Read row {r + 1}.", _cells(labels[0, r])))
+        out.append(("list", f"Which digits are in the {where}?", " ".join(map(str, present)) or "-"))
+    filled = np.argwhere(labels >= 0)
+    if len(filled):
+        f, r, c = (int(x) for x in filled[rng.integers(len(filled))])
+        frame = f"frame {f + 1}, " if clip else ""
+        out.append(("region", f"What digit is in {frame}row {r + 1}, column {c + 1}?", str(labels[f, r, c])))
     absent = [d for d in range(10) if d not in present]
     want_yes = rng.random() < 0.5
     d = int(rng.choice(present if (want_yes and present) or not absent else absent))
-    out.append(("presence", f"Is there a {d} in the image?", "yes" if d in present else "no"))
+    out.append(("presence", f"Is there a {d} in the {where}?", "yes" if d in present else "no"))
     d = int(rng.integers(10))
-    out.append(("count", f"How many cells show a {d}?", str(int((labels == d).sum()))))
+    if clip:
+        count = int((labels == d).any(axis=(1, 2)).sum())
+        out.append(("count", f"How many frames show a {d}?", str(count)))
+    else:
+        out.append(("count", f"How many cells show a {d}?", str(int((labels == d).sum()))))
     return out
 
 
 def build_griddigits(out_dir: str | os.PathLike, spec: GridSpec | None = None, echo=print) -> dict:
-    """Write images/, train.json (LLaVA format), test.jsonl (questions with answers), spec.json, and
-    <split>_layout.jsonl (each digit's box and label, for pre-training a vision tower)."""
+    """Write images/ (or clips/<sample>/<frame>.png), train.json (LLaVA format), test.jsonl (questions with
+    answers), spec.json, and <split>_layout.jsonl (each frame image's digit boxes and labels, for
+    pre-training a vision tower)."""
     spec = spec or GridSpec()
+    if spec.frames < 1:
+        raise DuetError(f"frames must be at least 1, got {spec.frames}")
     scans, targets = _scans()
     order = np.random.default_rng(spec.seed).permutation(len(scans))
     pools = {"train": order[: len(order) // 2], "test": order[len(order) // 2 :]}
     counts = {"train": spec.train_images, "test": spec.test_images}
+    clip = spec.frames > 1
+    key = "video" if clip else "image"
     summary: dict = {"spec": asdict(spec), "splits": {}}
     with atomic_dir(out_dir) as tmp:
-        (tmp / "images").mkdir()
+        (tmp / ("clips" if clip else "images")).mkdir()
         for split, pool in pools.items():
             rng = np.random.default_rng([spec.seed, 0 if split == "train" else 1])
             records, kinds, layout = [], {}, []
+            shape = (spec.frames, spec.rows, spec.cols)
             for i in range(counts[split]):
-                picks = rng.choice(pool, size=(spec.rows, spec.cols))
-                picks = np.where(rng.random((spec.rows, spec.cols)) < spec.empty, -1, picks)
+                picks = rng.choice(pool, size=shape)
+                picks = np.where(rng.random(shape) < spec.empty, -1, picks)
                 labels = np.where(picks >= 0, targets[np.maximum(picks, 0)], -1)
-                name = f"{split}_{i:05d}.png"
-                image, boxes = render_grid(spec, scans, picks, rng, labels)
-                image.save(tmp / "images" / name)
-                layout.append(json.dumps({"image": f"images/{name}", "digits": boxes}))
+                name = f"clips/{split}_{i:05d}" if clip else f"images/{split}_{i:05d}.png"
+                if clip:
+                    (tmp / name).mkdir()
+                for f in range(spec.frames):
+                    image, boxes = render_grid(spec, scans, picks[f], rng, labels[f])
+                    frame_name = f"{name}/{f:02d}.png" if clip else name
+                    image.save(tmp / frame_name)
+                    layout.append(json.dumps({"image": frame_name, "digits": boxes}))
                 asks = _questions(spec, labels, rng, transcribe=spec.transcribe and split == "train")
                 for k, (kind, q, a) in enumerate(asks):
                     kinds[kind] = kinds.get(kind, 0) + 1
-                    records.append(
-                        {"id": f"{split}-{i}-{k}", "kind": kind, "image": f"images/{name}", "q": q, "a": a}
-                    )
+                    records.append({"id": f"{split}-{i}-{k}", "kind": kind, key: name, "q": q, "a": a})
+            placeholder = f"<{key}>"
             if split == "train":
                 data = [
                     {
                         "id": r["id"],
-                        "image": r["image"],
+                        key: r[key],
                         "conversations": [
-                            {"from": "human", "value": f"<image>\n{r['q']}"},
+                            {"from": "human", "value": f"{placeholder}\n{r['q']}"},
                             {"from": "gpt", "value": r["a"]},
                         ],
                     }
@@ -156,7 +189,7 @@ def build_griddigits(out_dir: str | os.PathLike, spec: GridSpec | None = None, e
                     json.dumps(
                         {
                             "question_id": r["id"],
-                            "image": r["image"],
+                            key: r[key],
                             "text": r["q"],
                             "answer": r["a"],
                             "kind": r["kind"],
@@ -166,8 +199,10 @@ def build_griddigits(out_dir: str | os.PathLike, spec: GridSpec | None = None, e
                 ]
                 (tmp / "test.jsonl").write_text("\n".join(lines) + "\n")
             (tmp / f"{split}_layout.jsonl").write_text("\n".join(layout) + "\n")
-            summary["splits"][split] = {"images": counts[split], "questions": len(records), "kinds": kinds,
+            summary["splits"][split] = {"samples": counts[split], "questions": len(records), "kinds": kinds,
                                         "scans": [int(x) for x in sorted(pool)]}  # fmt: skip
-            echo(f"{split}: {counts[split]} images, {len(records)} questions {kinds}")
+            echo(
+                f"{split}: {counts[split]} {'clips' if clip else 'images'}, {len(records)} questions {kinds}"
+            )
         (tmp / "spec.json").write_text(json.dumps(summary))
     return summary

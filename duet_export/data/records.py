@@ -2,7 +2,8 @@
 
 Every malformed record is a one-line `DuetError` that names the file and the record; so is a missing image.
 Only single-turn records are used for training (one human turn with `<image>`, one gpt answer); longer
-conversations are split into (question, answer) pairs that each see the image.
+conversations are split into (question, answer) pairs that each see the image. Video records (Video-LLaVA's
+format) name a `video` instead (a video file or a folder of frames) and hold `<video>`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from duet_export.errors import DuetError
 __all__ = ["Question", "TrainingExample", "read_llava_json", "read_questions", "write_answers"]
 
 IMAGE_PLACEHOLDER = "<image>"
+PLACEHOLDERS = (IMAGE_PLACEHOLDER, "<video>")
 
 
 @dataclass(frozen=True)
 class TrainingExample:
     id: str
-    image: Path
-    question: str  # without the <image> placeholder: the chat template adds it
+    image: Path  # an image, or a video file / folder of frames
+    question: str  # without the <image> / <video> placeholder: the chat template adds it
     answer: str
 
 
@@ -36,13 +38,22 @@ class Question:
     kind: str | None = None  # optional question type, for per-kind accuracy
 
 
-def _image_path(root: Path, name: object, where: str) -> Path:
+def _visual_path(root: Path, rec: dict, where: str) -> Path:
+    """The record's `image` (a file) or `video` (a file or a folder of frames), resolved against `root`."""
+    key = "video" if "video" in rec and "image" not in rec else "image"
+    name = rec.get(key)
     if not isinstance(name, str) or not name:
-        raise DuetError(f"{where}: 'image' must be a file name")
+        raise DuetError(f"{where}: 'image' (or 'video') must be a file name")
     path = root / name
-    if not path.is_file():
-        raise DuetError(f"{where}: image {path} does not exist")
+    if not (path.is_file() or (key == "video" and path.is_dir())):
+        raise DuetError(f"{where}: {key} {path} does not exist")
     return path
+
+
+def _strip_placeholders(text: str) -> str:
+    for token in PLACEHOLDERS:
+        text = text.replace(token, "")
+    return text.strip()
 
 
 def read_llava_json(
@@ -64,7 +75,7 @@ def read_llava_json(
         where = f"{path.name} record {i}" + (f" (id {rec.get('id')!r})" if isinstance(rec, dict) else "")
         if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
             raise DuetError(f"{where}: needs 'id', 'image' and a 'conversations' list")
-        image = _image_path(root, rec.get("image"), where)
+        image = _visual_path(root, rec, where)
         turns = rec["conversations"]
         if len(turns) < 2 or len(turns) % 2:
             raise DuetError(f"{where}: conversations must alternate human/gpt turns")
@@ -77,9 +88,9 @@ def read_llava_json(
             q, a = human.get("value"), gpt.get("value")
             if not isinstance(q, str) or not isinstance(a, str) or not a.strip():
                 raise DuetError(f"{where}: turn {t} needs string 'value's and a non-empty answer")
-            if t == 0 and IMAGE_PLACEHOLDER not in q:
-                raise DuetError(f"{where}: the first human turn must hold {IMAGE_PLACEHOLDER}")
-            question = q.replace(IMAGE_PLACEHOLDER, "").strip()
+            if t == 0 and not any(token in q for token in PLACEHOLDERS):
+                raise DuetError(f"{where}: the first human turn must hold {IMAGE_PLACEHOLDER} (or <video>)")
+            question = _strip_placeholders(q)
             out.append(TrainingExample(str(rec.get("id", i)), image, question, a.strip()))
     if not out:
         raise DuetError(f"{path}: no records")
@@ -106,9 +117,9 @@ def read_questions(path: str | os.PathLike, image_folder: str | os.PathLike | No
         answer = rec.get("answer")
         if answer is not None and not isinstance(answer, str):
             raise DuetError(f"{where}: 'answer' must be a string")
-        text = rec["text"].replace(IMAGE_PLACEHOLDER, "").strip()
+        text = _strip_placeholders(rec["text"])
         kind = rec.get("kind") if isinstance(rec.get("kind"), str) else None
-        image = _image_path(root, rec.get("image"), where)
+        image = _visual_path(root, rec, where)
         out.append(Question(str(rec["question_id"]), image, text, answer, kind))
     if not out:
         raise DuetError(f"{path}: no questions")
