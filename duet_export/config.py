@@ -32,11 +32,13 @@ class Geometry:
     """What a budget is measured against: patches per image (N), images per visual block, decoder layers (L).
 
     `frames` is 1 for an image and the number of frames for a video clip; Stage 1 runs per frame.
+    `has_cls` is False for encoders without a CLS token (Qwen2.5-VL): there `dominant` counts patches only.
     """
 
     num_patches: int
     num_layers: int
     frames: int = 1
+    has_cls: bool = True
 
     @property
     def total_patches(self) -> int:
@@ -114,19 +116,21 @@ class DuetConfig:
         if self.cluster_width < 1:
             raise DuetError(f"cluster width must be >= 1, got {self.cluster_width}")
         if self.stage1:
+            cls = 1 if geometry.has_cls else 0
             if self.dominant < 1:
-                raise DuetError(f"dominant must be >= 1 (it counts the CLS token), got {self.dominant}")
-            if self.dominant - 1 > n:
+                why = " (it counts the CLS token)" if cls else ""
+                raise DuetError(f"dominant must be >= 1{why}, got {self.dominant}")
+            if self.dominant - cls > n:
                 raise DuetError(
-                    f"dominant={self.dominant} asks for {self.dominant - 1} patches but the model has only {n} per image"
+                    f"dominant={self.dominant} asks for {self.dominant - cls} patches but the model has only {n} per image"
                 )
             if self.contextual < 0:
                 raise DuetError(f"contextual must be >= 0, got {self.contextual}")
-            remaining = n - (self.dominant - 1)
+            remaining = n - (self.dominant - cls)
             if self.contextual > remaining:
                 raise DuetError(
                     f"contextual={self.contextual} exceeds the {remaining} patches left after "
-                    f"{self.dominant - 1} dominant ones (N={n})"
+                    f"{self.dominant - cls} dominant ones (N={n})"
                 )
         elif self.contextual:
             raise DuetError("contextual tokens need Stage 1: give dominant too")

@@ -95,11 +95,18 @@ class _Sequence:
     visual: torch.Tensor  # [B, T] bool
     labels: torch.Tensor | None
     query: torch.Tensor | None  # [B, T] int8: 1 salient prompt token, 0 other prompt token, -1 generated
-    positions: torch.Tensor
+    positions: torch.Tensor  # [B, T], or [3, B, T] for M-RoPE
+    recompact: bool = True  # False: tokens keep their positions when others are removed
 
     def gather(self, index: torch.Tensor) -> _Sequence:
         pad = gather_rows(self.pad, index)
         b, t = index.shape
+        if self.recompact:
+            positions = positions_from_mask(pad, b, t, index.device)
+        elif self.positions.dim() == 3:
+            positions = torch.stack([gather_rows(p, index) for p in self.positions])
+        else:
+            positions = gather_rows(self.positions, index)
         return _Sequence(
             ids=gather_rows(self.ids, index),
             hidden=gather_rows(self.hidden, index),
@@ -107,7 +114,8 @@ class _Sequence:
             visual=gather_rows(self.visual, index),
             labels=gather_rows(self.labels, index),
             query=gather_rows(self.query, index),
-            positions=positions_from_mask(pad, b, t, index.device),
+            positions=positions,
+            recompact=self.recompact,
         )
 
     @property
@@ -146,8 +154,14 @@ class DuetForward:
         duet_trace: DuetTrace | None = None,
         past_key_values: DynamicCache | None = None,
         pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        # Named so `generate()` forwards them: Qwen2.5-VL's grid (checked against the fixed resolution) and
+        # token types (its stock M-RoPE input, unused: the adapter computes the positions).
+        given = {"image_grid_thw": image_grid_thw}
+        visual_inputs = {k: given[k] for k in self.adapter.visual_input_names if given.get(k) is not None}
         if input_ids is None or inputs_embeds is not None:
             raise DuetError("a compressed model needs input_ids (it locates the image tokens in them)")
         cache = cache if cache is not None else past_key_values
@@ -167,6 +181,7 @@ class DuetForward:
                 duet_query_mask,
                 cache if use_cache else None,
                 duet_trace,
+                visual_inputs,
             )
         else:
             if pixel_values is not None:
@@ -187,7 +202,9 @@ class DuetForward:
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
     # ----------------------------------------------------------------------------------- prefill
-    def _prefill(self, input_ids, pixel_values, attention_mask, labels, query_mask, cache, trace):
+    def _prefill(
+        self, input_ids, pixel_values, attention_mask, labels, query_mask, cache, trace, visual_inputs
+    ):
         """Check and normalise eager inputs, then run the shared (export-safe) prefill."""
         b, t = input_ids.shape
         pad = (
@@ -209,17 +226,27 @@ class DuetForward:
         if not bool((counts == counts[0]).all()):
             raise DuetError("every prompt in a batch must hold the same number of image tokens")
         seq = _Sequence(
-            input_ids, None, pad, visual, labels, query, positions_from_mask(pad, b, t, input_ids.device)
+            input_ids,
+            None,
+            pad,
+            visual,
+            labels,
+            query,
+            positions_from_mask(pad, b, t, input_ids.device),
+            self.adapter.recompact_positions,
         )
-        features = None
+        features = stage1 = None
         if int(counts[0]):
             if pixel_values is None:
                 raise DuetError("the prompt holds image tokens but no pixel_values were given")
-            features, stage1 = self.adapter.visual_features(pixel_values, self.config)
+            features, stage1 = self.adapter.visual_features(pixel_values, self.config, **visual_inputs)
             if trace is not None:
                 trace.stage1 = stage1
             seq = self._fit_image_tokens(seq, features, int(counts[0]))
             features = features.reshape(b, -1, features.shape[-1])
+        if not self.adapter.recompact_positions:
+            kept = stage1.kept if stage1 is not None else None
+            seq.positions = self.adapter.positions(seq.ids, seq.pad, seq.visual, kept)
         seq.hidden = self.adapter.embed(seq.ids)
         return self.prefill(seq, features, cache, trace, static=False)
 
@@ -250,7 +277,8 @@ class DuetForward:
                     hidden,
                     attention_mask=mask4,
                     position_embeddings=cos_sin,
-                    position_ids=seq.positions,
+                    # M-RoPE [3, B, T] positions live in cos_sin; layers take [B, T] ones only.
+                    position_ids=seq.positions if seq.positions.dim() == 2 else None,
                     cache=cache,
                     use_cache=cache is not None,
                 )
@@ -340,14 +368,15 @@ class DuetForward:
         device = input_ids.device
         hidden = self.adapter.embed(input_ids)
         steps = torch.arange(q, device=device)
-        for start, end in self.groups:
+        for g, (start, end) in enumerate(self.groups):
             cached = cache.get_seq_length(start)
+            offset = self.adapter.decode_position_offset(self.group_tokens[g])
             if attention_mask is None:
-                positions = (cached + steps).unsqueeze(0).expand(b, -1)
+                positions = (cached + offset + steps).unsqueeze(0).expand(b, -1)
                 mask = None
             else:
                 pads = attention_mask.shape[1] - attention_mask.long().sum(dim=1, keepdim=True)
-                positions = cached - pads + steps.unsqueeze(0)
+                positions = cached - pads + offset + steps.unsqueeze(0)
                 # Left padding: removing dropped (real) tokens leaves the mask's prefix of this length.
                 mask = attention_mask[:, : cached + q].bool()
             cos_sin = self.adapter.rotary(hidden, positions)

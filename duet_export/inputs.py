@@ -50,6 +50,7 @@ def prepare_inputs(
         "attention_mask": torch.from_numpy(batch.attention_mask),
         **adapter.pixel_inputs(torch.from_numpy(batch.pixel_values)),
     }
+    out.update(adapter.prompt_inputs(out["input_ids"]))
     if batch.query_mask is not None and config is not None:
         out["duet_query_mask"] = torch.from_numpy(batch.query_mask)
     return out

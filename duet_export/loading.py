@@ -69,7 +69,9 @@ def load(
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise DuetError(f"could not load the processor in {path}: {first}") from None
     model.to(device).eval()
-    return LoadedModel(model=model, processor=processor, adapter=family(model), path=path)
+    adapter = family(model)
+    adapter.attach_processor(processor)
+    return LoadedModel(model=model, processor=processor, adapter=adapter, path=path)
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

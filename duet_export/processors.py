@@ -5,6 +5,10 @@ video processor is torchvision-only in transformers 5), yet its frames need noth
 processor: the stock video processor applies the same CLIP resize, crop and normalisation to every frame.
 So a video checkpoint gets a `FrameProcessor` made of its own tokenizer, image processor and chat template,
 and its prompts are expanded here exactly as the stock processor would (frames x (1 + N) placeholders).
+
+Qwen2.5-VL's processor class also names a (torchvision-only) video processor, so `AutoProcessor` fails on
+its checkpoints. They get `image_only_qwen2_5_vl_processor()`: the stock processor minus the video part,
+which can also resize every image to one fixed resolution first (DUET's budget needs a fixed token count).
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from pathlib import Path
 
 from duet_export.errors import DuetError
 
-__all__ = ["FrameProcessor", "load_processor"]
+__all__ = ["FrameProcessor", "image_only_qwen2_5_vl_processor", "load_processor"]
 
 _FRAME_PROCESSORS = ("VideoLlavaProcessor",)
+_QWEN_PROCESSORS = ("Qwen2_5_VLProcessor", "ImageOnlyQwen2_5_VLProcessor")
+_QWEN_CLASS = None
 
 
 class FrameProcessor:
@@ -52,6 +58,52 @@ class FrameProcessor:
         (out / "processor_config.json").write_text(json.dumps(self.config, indent=2))
 
 
+def image_only_qwen2_5_vl_processor() -> type:
+    """`Qwen2_5_VLProcessor` without a video processor (that one needs torchvision), built on first use so
+    this module imports without transformers' processing code.
+
+    Set `duet_image_size = (height, width)` on an instance and every image is resized to exactly that
+    before the stock image processor runs (which then keeps it, as long as height * width lies within its
+    min/max pixels): one resolution, one grid, one token count per image.
+    """
+    global _QWEN_CLASS
+    if _QWEN_CLASS is not None:
+        return _QWEN_CLASS
+    from transformers import Qwen2_5_VLProcessor
+
+    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+        duet_image_size: tuple[int, int] | None = None
+
+        # `ProcessorMixin` reads its attributes from this signature: no video_processor here.
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(
+                image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs
+            )
+
+        def __call__(self, images=None, text=None, videos=None, **kwargs):
+            if videos is not None:
+                raise DuetError("this Qwen2.5-VL processor takes images only (videos need torchvision)")
+            if images is not None and self.duet_image_size is not None:
+                images = _resized(images, self.duet_image_size)
+            return super().__call__(images=images, text=text, **kwargs)
+
+    _QWEN_CLASS = ImageOnlyQwen2_5_VLProcessor
+    return _QWEN_CLASS
+
+
+def _resized(images, size: tuple[int, int]):
+    """PIL images (or nested lists of them) resized to (height, width); anything else is left as given."""
+    from PIL import Image
+
+    if isinstance(images, Image.Image):
+        height, width = size
+        image = images.convert("RGB")
+        return image if image.size == (width, height) else image.resize((width, height), Image.BICUBIC)
+    if isinstance(images, (list, tuple)):
+        return [_resized(image, size) for image in images]
+    return images
+
+
 def _processor_class(root: Path) -> str | None:
     for name in ("processor_config.json", "preprocessor_config.json"):
         path = root / name
@@ -76,7 +128,8 @@ def _chat_template(root: Path, tokenizer) -> str | None:
 
 
 def load_processor(path: str | os.PathLike):
-    """The processor stored in `path`: a `FrameProcessor` for video checkpoints, else `AutoProcessor`'s.
+    """The processor stored in `path`: a `FrameProcessor` for video checkpoints, the image-only processor
+    for Qwen2.5-VL, else `AutoProcessor`'s.
 
     Raises exceptions from transformers unchanged; callers turn them into one-line errors.
     """
@@ -84,6 +137,8 @@ def load_processor(path: str | os.PathLike):
 
     root = Path(path)
     cls = _processor_class(root)
+    if cls in _QWEN_PROCESSORS:
+        return image_only_qwen2_5_vl_processor().from_pretrained(root)
     if cls not in _FRAME_PROCESSORS:
         return transformers.AutoProcessor.from_pretrained(root)
     tokenizer = transformers.AutoTokenizer.from_pretrained(root)

@@ -105,6 +105,8 @@ class OnnxVLM:
         self.drop_layers = [int(x) for x in m["drop_layers"]]
         self.max_new_tokens = int(m["options"]["max_new_tokens"])
         self.float_dtype = np.float16 if m["dtype"] == "float16" else np.float32
+        if hasattr(type(self.processor), "duet_image_size"):  # resizes every image to the bundle's size
+            self.processor.duet_image_size = tuple(int(x) for x in m["image"]["size"])
 
     # ----------------------------------------------------------------------------------- inputs
     def load_image(self, image: ImageLike) -> Image.Image:
@@ -137,6 +139,10 @@ class OnnxVLM:
         frames = int(self.manifest["image"]["frames"])
         if isinstance(item, (str, os.PathLike)):
             item = open_clip(item, frames)
+        elif isinstance(item, Image.Image):
+            raise DuetError(
+                "a video bundle takes a clip (a list of frames, a folder of frames or a video file)"
+            )
         clip = [self.load_image(frame) for frame in item]
         if len(clip) != frames:
             raise DuetError(f"the clip has {len(clip)} frames; the bundle takes {frames}")
@@ -161,7 +167,9 @@ class OnnxVLM:
             media=image.get("media", "image"),
             frames=int(image["frames"]),
         )
-        expected = (len(prompts) * int(image["frames"]), int(image["channels"]), *image["size"])
+        rows = int(image.get("pixel_rows", 1))
+        shape = image.get("pixel_shape") or [int(image["channels"]), *image["size"]]
+        expected = (len(prompts) * int(image["frames"]) * rows, *shape)
         if enc.pixel_values.shape != expected:
             raise DuetError(
                 f"the processor made pixels of shape {list(enc.pixel_values.shape)}; the bundle takes {list(expected)}"
@@ -173,7 +181,8 @@ class OnnxVLM:
         n, b = enc.input_ids.shape[0], self.batch
         rows = list(range(n)) + [0] * (b - n)
         frames = int(self.manifest["image"]["frames"])
-        pixel_rows = [r * frames + f for r in rows for f in range(frames)]
+        per = int(self.manifest["image"].get("pixel_rows", 1))
+        pixel_rows = [(r * frames + f) * per + k for r in rows for f in range(frames) for k in range(per)]
         query = enc.query_mask if enc.query_mask is not None else np.zeros_like(enc.input_ids, dtype=bool)
         return {
             "input_ids": enc.input_ids[rows],
@@ -191,12 +200,15 @@ class OnnxVLM:
     ) -> dict[str, np.ndarray]:
         """The prefill graph's inputs: the prompt arrays and the vision graph's features, one row per prompt."""
         features = vision["image_features"]
-        return {
+        feed = {
             "input_ids": inputs["input_ids"],
             "attention_mask": inputs["attention_mask"],
             "image_features": features.reshape(self.batch, -1, features.shape[-1]),
             "query_mask": inputs["query_mask"],
         }
+        if "stage1_kept" in vision:  # which patch each placeholder holds: M-RoPE positions
+            feed["stage1_kept"] = vision["stage1_kept"].reshape(self.batch, -1)
+        return feed
 
     def prefill(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, DecodeState]:
         """Vision + prefill -> (last logits [B, vocab], the cache laid out for the step graph)."""

@@ -136,18 +136,22 @@ def export_bundle(
     text_cfg = adapter.text_config
     kv_heads = text_cfg.num_key_value_heads
     head_dim = adapter.attention_parts(adapter.decoder_layers[0]).head_dim
-    image_size = adapter.image_size
+    image_size = adapter.image_size  # an int (square) or (height, width)
+    height, width = image_size if isinstance(image_size, tuple) else (image_size, image_size)
     dtype = next(loaded.model.parameters()).dtype
     hidden = text_cfg.hidden_size
 
-    pixel = torch.zeros((b * geometry.frames, 3, image_size, image_size), dtype=dtype)
+    pixel = adapter.export_pixels(b * geometry.frames, dtype)
     ids = torch.full((b, length), int(loaded.tokenizer.pad_token_id or 0), dtype=torch.long)
     ids[:, 1 : 1 + visual] = adapter.image_token_id
+    stage1_extra = list(adapter.stage1_outputs[2:]) if config.stage1 else []  # beyond dominant, anchors
     prefill_args = (
         ids,
         torch.ones_like(ids),
         torch.zeros((b, visual, hidden), dtype=dtype),
         torch.zeros_like(ids, dtype=torch.bool),
+        # stage1_kept: which patch each placeholder holds (positions), one row per prompt
+        *[torch.arange(visual).expand(b, -1).contiguous() for _ in stage1_extra],
     )
     groups = forward.groups
     layer_group = [g for g, (s, e) in enumerate(groups) for _ in range(s, e)]
@@ -168,12 +172,12 @@ def export_bundle(
             VisionGraph(forward),
             (pixel,),
             ["pixel_values"],
-            ["image_features", *(["stage1_dominant", "stage1_anchors"] if config.stage1 else [])],
+            ["image_features", *(list(adapter.stage1_outputs) if config.stage1 else [])],
         ),
         "prefill": (
             PrefillGraph(forward),
             prefill_args,
-            ["input_ids", "attention_mask", "image_features", "query_mask"],
+            ["input_ids", "attention_mask", "image_features", "query_mask", *stage1_extra],
             ["logits", *kv_names("present"), *[f"keep_index.{layer}" for layer in drop_layers]],
         ),
         "step": (
@@ -200,14 +204,18 @@ def export_bundle(
         "batch": b,
         "prompt_length": length,
         "image": {
-            "size": [image_size, image_size],
+            "size": [height, width],
             "channels": 3,
+            # pixel_values holds `pixel_rows` rows of `pixel_shape` per image (LLaVA: 1 x [3, H, W];
+            # Qwen2.5-VL: the processor's S patch rows of 1176 values)
+            "pixel_rows": pixel.shape[0] // (b * geometry.frames),
+            "pixel_shape": list(pixel.shape[1:]),
             "media": adapter.media,
             "frames": geometry.frames,
             "patches": geometry.num_patches,
             "tokens_per_image": per_image,
             "image_token_id": adapter.image_token_id,
-            "preprocessing": "the checkpoint's image processor: convert to RGB, resize the shortest edge, center-crop",
+            "preprocessing": adapter.preprocessing,
         },
         "layer_groups": [list(g) for g in groups],
         "layer_group_of": layer_group,
@@ -215,7 +223,8 @@ def export_bundle(
         "cache_capacity": capacity,
         "drop_layers": drop_layers,
         "kv": {"num_kv_heads": kv_heads, "head_dim": head_dim},
-        "positions": POSITIONS_RULE,
+        "positions": adapter.positions_rule or POSITIONS_RULE,
+        "decode_position_offsets": [adapter.decode_position_offset(v) for v in budget.group_tokens],
         "tokens": {
             "eos_token_id": loaded.tokenizer.eos_token_id,
             "pad_token_id": loaded.tokenizer.pad_token_id,

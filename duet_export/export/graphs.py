@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from duet_export.forward import DuetForward, DuetTrace, _Sequence, causal_mask, positions_from_mask
-from duet_export.stages.ops import v2v_merge_node
 
 __all__ = ["PrefillGraph", "StepGraph", "VisionGraph"]
 
@@ -30,10 +29,7 @@ class VisionGraph(nn.Module):
         out = adapter.vision_layer(pixel_values, need_scores=cfg.stage1)
         if not cfg.stage1:
             return (adapter.project(adapter.uncompressed_tokens(out.hidden)),)
-        tokens, dominant, anchors = v2v_merge_node(
-            out.hidden, out.cls_attention, out.keys, cfg.dominant, cfg.contextual, cfg.cluster_width
-        )
-        return adapter.project(tokens), dominant, anchors
+        return adapter.stage1_node(out, cfg)
 
 
 class _RecordingCache:
@@ -65,11 +61,15 @@ class PrefillGraph(nn.Module):
         super().__init__()
         self.fwd = forward
 
-    def forward(self, input_ids, attention_mask, image_features, query_mask):
+    def forward(self, input_ids, attention_mask, image_features, query_mask, *stage1):
+        """`stage1`: the vision graph's `stage1_kept`, for families whose positions need it."""
         adapter = self.fwd.adapter
         b, t = input_ids.shape
         pad = attention_mask.bool()
         visual = input_ids == adapter.image_token_id
+        positions = positions_from_mask(pad, b, t, input_ids.device)
+        if not adapter.recompact_positions:
+            positions = adapter.positions(input_ids, pad, visual, stage1[0] if stage1 else None)
         seq = _Sequence(
             ids=input_ids,
             hidden=adapter.embed(input_ids),
@@ -77,7 +77,8 @@ class PrefillGraph(nn.Module):
             visual=visual,
             labels=None,
             query=query_mask.to(torch.int8),
-            positions=positions_from_mask(pad, b, t, input_ids.device),
+            positions=positions,
+            recompact=adapter.recompact_positions,
         )
         cache, trace = _RecordingCache(), DuetTrace()
         hidden, _ = self.fwd.prefill(seq, image_features, cache, trace, static=True)
@@ -98,9 +99,12 @@ class StepGraph(nn.Module):
         cache = _StepCache(past)
         hidden = adapter.embed(input_ids)
         b = input_ids.shape[0]
-        for (start, end), mask in zip(groups, masks, strict=True):
+        for g, ((start, end), mask) in enumerate(zip(groups, masks, strict=True)):
             mask = mask.bool()
             positions = mask.long().sum(dim=1, keepdim=True)
+            offset = adapter.decode_position_offset(self.fwd.group_tokens[g])
+            if offset:
+                positions = positions + offset
             full = torch.cat([mask, torch.ones((b, 1), dtype=torch.bool, device=mask.device)], dim=1)
             mask4 = causal_mask(full, 1, full.shape[1], mask.device, static=True, dtype=hidden.dtype)
             cos_sin = adapter.rotary(hidden, positions)

@@ -7,11 +7,12 @@ from torch import nn
 from duet_export.errors import DuetError
 from duet_export.models.base import Adapter
 from duet_export.models.llava import LlavaAdapter
+from duet_export.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from duet_export.models.video_llava import VideoLlavaAdapter
 
 __all__ = ["ADAPTERS", "Adapter", "adapter_for", "family_of_config"]
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, VideoLlavaAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, VideoLlavaAdapter, Qwen2_5_VLAdapter)
 
 
 def adapter_for(model: nn.Module) -> Adapter:

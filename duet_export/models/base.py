@@ -49,6 +49,18 @@ class Adapter(ABC):
     model_classes: ClassVar[tuple[str, ...]]
     rules: ClassVar[ReferenceRules] = LLAVA_RULES
     media: ClassVar[str] = "image"  # "video": one visual input is a clip of `frames` images
+    # False: a token keeps its position when Stage 2 drops others (M-RoPE families, as their reference);
+    # True: positions are re-compacted to 0..len-1 after each drop (ALGORITHM.md, LLaVA).
+    recompact_positions: ClassVar[bool] = True
+    # Keyword inputs of the stock forward that describe the pixels (handed to `visual_features`).
+    visual_input_names: ClassVar[tuple[str, ...]] = ()
+    # What the vision graph outputs besides the features (`stage1_node`), in order.
+    stage1_outputs: ClassVar[tuple[str, ...]] = ("stage1_dominant", "stage1_anchors")
+    # The manifest's description of positions (None: the default, re-compacted positions).
+    positions_rule: ClassVar[str | None] = None
+    preprocessing: ClassVar[str] = (
+        "the checkpoint's image processor: convert to RGB, resize the shortest edge, center-crop"
+    )
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -80,6 +92,14 @@ class Adapter(ABC):
         return self.num_patches
 
     # ------------------------------------------------------------------ vision side
+    def attach_processor(self, processor) -> None:
+        """Called by `load` with the checkpoint's processor, for families whose geometry depends on it."""
+        return None
+
+    def prompt_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra token-level inputs the stock forward needs next to `input_ids` (none for LLaVA)."""
+        return {}
+
     def pixel_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """[n_images, 3, H, W] pixels under the keyword (and shape) the stock model's forward takes them.
         `DuetForward` accepts the same keywords, so one set of inputs serves both."""
@@ -96,9 +116,11 @@ class Adapter(ABC):
         """What the stock model feeds its projector from the layer's output (e.g. patches without CLS)."""
 
     def visual_features(
-        self, pixel_values: torch.Tensor, config: DuetConfig
+        self, pixel_values: torch.Tensor, config: DuetConfig, **inputs: torch.Tensor
     ) -> tuple[torch.Tensor, V2VResult | None]:
-        """Projected visual tokens per image [n_images, V_img, D_text], with Stage 1 applied if configured."""
+        """Projected visual tokens per image [n_images, V_img, D_text], with Stage 1 applied if configured.
+
+        `inputs` holds the `visual_input_names` the caller was given (for checks)."""
         from duet_export.stages.v2v import v2v_merge
 
         out = self.vision_layer(pixel_values, need_scores=config.stage1)
@@ -108,6 +130,36 @@ class Adapter(ABC):
             out.hidden, out.cls_attention, out.keys, config.dominant, config.contextual, config.cluster_width
         )
         return self.project(merged.tokens), merged
+
+    def stage1_node(self, out: VisionLayerOutput, config: DuetConfig) -> tuple[torch.Tensor, ...]:
+        """Stage 1 as one `duet.V2VMerge` node for export: (features, *`stage1_outputs`)."""
+        from duet_export.stages.ops import v2v_merge_node
+
+        tokens, dominant, anchors = v2v_merge_node(
+            out.hidden, out.cls_attention, out.keys, config.dominant, config.contextual, config.cluster_width
+        )
+        return self.project(tokens), dominant, anchors
+
+    def export_pixels(self, images: int, dtype: torch.dtype) -> torch.Tensor:
+        """Example pixels for `images` images, in the layout `pixel_values` has (the export's input shape)."""
+        size = self.image_size
+        return torch.zeros((images, 3, size, size), dtype=dtype)
+
+    # ------------------------------------------------------------------ positions
+    def positions(
+        self, ids: torch.Tensor, pad: torch.Tensor, visual: torch.Tensor, kept: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Prefill positions for `ids` (image placeholders already fitted to Stage 1's output): [B, T]
+        counted over real tokens, as `generate()` does; M-RoPE families return [3, B, T]. `kept`
+        ([n_images, V], `V2VResult.kept`) names the patch behind each placeholder, where it matters."""
+        from duet_export.forward import positions_from_mask
+
+        return positions_from_mask(pad, ids.shape[0], ids.shape[1], ids.device)
+
+    def decode_position_offset(self, visual_tokens: int) -> int:
+        """Added to a generated token's position (real tokens cached in its layer group) when that group
+        caches `visual_tokens` visual tokens per prompt; 0 where positions are re-compacted."""
+        return 0
 
     # ------------------------------------------------------------------ decoder side
     @property

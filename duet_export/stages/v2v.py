@@ -24,6 +24,9 @@ class V2VResult:
     anchors: torch.Tensor  # [B, K_c] patch indices, in anchor order
     members: torch.Tensor  # [B, P - K_c] patch indices of merged (non-anchor) pre-selected patches
     assignment: torch.Tensor  # [B, P - K_c] index (0..K_c-1) of the anchor each member merged into
+    # [B, V] patch index behind each token of `tokens`, for families that keep tokens in position order
+    # (Qwen2.5-VL: no CLS, each contextual token in its anchor's slot); None for the layout above.
+    kept: torch.Tensor | None = None
 
 
 def rank_descending(scores: torch.Tensor) -> torch.Tensor:
