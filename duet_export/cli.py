@@ -138,17 +138,17 @@ def compress_cmd(
 @click.option("--device", default="cpu", show_default=True)
 def inspect_cmd(model_dir, image, prompt, raw, as_json, overlay, device, **opts) -> None:
     """Show which patches Stage 1 kept and which tokens each Stage-2 drop layer kept, for one image."""
-    from duet_export.inspection import inspect_prompt, model_view
+    from duet_export.inspection import inspect_prompt
     from duet_export.loading import load_visual
     from duet_export.overlay import write_overlay
 
     loaded = _load(model_dir, device)
     img = load_visual(image, loaded.adapter)
     config = config_from_options(loaded.adapter, **opts)
-    info, pixels = inspect_prompt(loaded, img, prompt, config, raw=raw)
+    info, views = inspect_prompt(loaded, img, prompt, config, raw=raw)
     info["image"] = str(image)
     if overlay:
-        write_overlay(overlay, model_view(loaded.processor, pixels, info["frames"]), info)
+        write_overlay(overlay, views, info)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -157,8 +157,9 @@ def inspect_cmd(model_dir, image, prompt, raw, as_json, overlay, device, **opts)
         per_frame = s1 if isinstance(s1, list) else [s1]
         for f, one in enumerate(per_frame):
             where = f"frame {f}: " if isinstance(s1, list) else ""
+            cls = "CLS + " if one["cls"] else ""
             click.echo(
-                f"Stage 1: {where}CLS + {len(one['dominant'])} dominant patches + "
+                f"Stage 1: {where}{cls}{len(one['dominant'])} dominant patches + "
                 f"{len(one['contextual'])} contextual tokens"
             )
             click.echo(f"  dominant: {one['dominant']}")

@@ -27,13 +27,21 @@ def _stage1_json(trace: DuetTrace, row: int) -> dict[str, Any] | None:
     members: list[list[int]] = [[] for _ in anchors]
     for patch, slot in zip(s1.members[row].tolist(), s1.assignment[row].tolist(), strict=True):
         members[slot].append(patch)
-    return {
+    out = {
         "order": "CLS, dominant patches in position order, contextual tokens in anchor order",
         "cls": True,
         "dominant": s1.dominant[row].tolist(),
         "contextual": [{"anchor": a, "members": sorted(m)} for a, m in zip(anchors, members, strict=True)],
         "tokens": 1 + s1.dominant.shape[1] + len(anchors),
     }
+    if s1.kept is not None:  # no CLS; every token in its patch's place (Qwen2.5-VL)
+        out.update(
+            order="tokens in patch order, each contextual token in its anchor's place",
+            cls=False,
+            kept=s1.kept[row].tolist(),
+            tokens=s1.kept.shape[1],
+        )
+    return out
 
 
 def _describe_token(index: int, stage1: dict[str, Any] | None, with_cls: bool = False) -> str:
@@ -42,6 +50,10 @@ def _describe_token(index: int, stage1: dict[str, Any] | None, with_cls: bool = 
         if not with_cls:
             return f"patch:{index}"
         return "cls" if index == 0 else f"patch:{index - 1}"
+    if "kept" in stage1:
+        patch = stage1["kept"][index]
+        anchors = {c["anchor"] for c in stage1["contextual"]}
+        return f"{'context' if patch in anchors else 'patch'}:{patch}"
     if index == 0:
         return "cls"
     dominant = stage1["dominant"]
@@ -61,9 +73,15 @@ def _describe_clip_token(
 
 
 def inspect_prompt(
-    loaded: LoadedModel, image: Image.Image, prompt: str, config: DuetConfig, *, raw: bool = False
-) -> tuple[dict[str, Any], torch.Tensor]:
-    """Run one compressed prefill and report what was kept. Returns (json-able dict, pixel_values)."""
+    loaded: LoadedModel,
+    image: Image.Image | list[Image.Image],
+    prompt: str,
+    config: DuetConfig,
+    *,
+    raw: bool = False,
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Run one compressed prefill and report what was kept. Returns (json-able dict, the model's view of the
+    image or of each frame, for `write_overlay`)."""
     geometry = loaded.adapter.geometry()
     forward = DuetForward(loaded.model, loaded.adapter, config)
     inputs = prepare_inputs(loaded.processor, loaded.adapter, [image], [prompt], config, raw=raw)
@@ -101,7 +119,7 @@ def inspect_prompt(
         "family": loaded.adapter.family,
         "prompt": prompt,
         "num_patches": geometry.num_patches,
-        "grid": round(geometry.num_patches**0.5),
+        "grid": list(_grid(loaded.adapter)),
         "frames": n_frames,
         # one image: its Stage-1 record; a clip: one record per frame
         "stage1": frames[0] if n_frames == 1 else (frames if frames[0] is not None else None),
@@ -115,7 +133,22 @@ def inspect_prompt(
     pixels = (
         inputs["pixel_values"] if "pixel_values" in inputs else inputs["pixel_values_videos"].flatten(0, 1)
     )
-    return result, pixels
+    if pixels.dim() == 4:
+        views = model_view(loaded.processor, pixels, n_frames)
+    else:  # patch rows (Qwen2.5-VL): the image at the model's fixed resolution
+        height, width = loaded.adapter.image_size
+        views = [np.asarray(image.convert("RGB").resize((width, height), Image.BICUBIC))]
+    return result, views
+
+
+def _grid(adapter) -> tuple[int, int]:
+    """Rows and columns of the visual tokens over one image (merged tokens for Qwen2.5-VL)."""
+    size = adapter.image_size
+    if isinstance(size, tuple):
+        rows = round((adapter.num_patches * size[0] / size[1]) ** 0.5)
+        return rows, adapter.num_patches // rows
+    side = round(adapter.num_patches**0.5)
+    return side, side
 
 
 def model_view(processor, pixel_values: torch.Tensor, frames: int = 1) -> list[np.ndarray]:

@@ -24,7 +24,7 @@ def kept_patch_masks(info: dict[str, Any], frame: int = 0) -> list[tuple[str, np
     Strong = a patch that is itself a kept token (a dominant patch or an anchor); weak = a patch merged into a
     kept contextual token.
     """
-    n, grid = info["num_patches"], info["grid"]
+    n, (rows, cols) = info["num_patches"], info["grid"]
     clip = info.get("frames", 1) > 1
     s1 = _frame_stage1(info, frame)
     panels = []
@@ -43,7 +43,7 @@ def kept_patch_masks(info: dict[str, Any], frame: int = 0) -> list[tuple[str, np
             elif kind == "context":
                 strong[int(idx)] = True
                 weak[members[int(idx)]] = True
-        return strong.reshape(grid, grid), weak.reshape(grid, grid)
+        return strong.reshape(rows, cols), weak.reshape(rows, cols)
 
     if s1 is not None:
         tokens = [f"patch:{p}" for p in s1["dominant"]] + [f"context:{c['anchor']}" for c in s1["contextual"]]
@@ -64,7 +64,7 @@ def write_overlay(path: str | os.PathLike, views: list[np.ndarray], info: dict[s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = info["grid"]
+    grid_rows, grid_cols = info["grid"]
     rows = [kept_patch_masks(info, f) for f in range(len(views))]
     cols = 1 + len(rows[0])
     fig, axes = plt.subplots(len(views), cols, figsize=(3 * cols, 3.0 * len(views) + 0.3), squeeze=False)
@@ -74,13 +74,18 @@ def write_overlay(path: str | os.PathLike, views: list[np.ndarray], info: dict[s
         axes[f][0].set_title("input" if len(views) == 1 else f"frame {f}", fontsize=9)
         for ax, (title, strong, weak) in zip(axes[f][1:], panels, strict=True):
             scale = np.kron(
-                strong * 1.0 + weak * 0.55 + 0.2 * ~(strong | weak), np.ones((h // grid, w // grid))
+                strong * 1.0 + weak * 0.55 + 0.2 * ~(strong | weak), np.ones((h // grid_rows, w // grid_cols))
             )
             scale = np.clip(scale, 0, 1)[..., None]
             ax.imshow((view[: scale.shape[0], : scale.shape[1]] * scale).astype(np.uint8))
             ys, xs = np.nonzero(strong)
             ax.scatter(
-                (xs + 0.5) * w / grid, (ys + 0.5) * h / grid, s=6, c="#39ff14", marker="s", linewidths=0
+                (xs + 0.5) * w / grid_cols,
+                (ys + 0.5) * h / grid_rows,
+                s=6,
+                c="#39ff14",
+                marker="s",
+                linewidths=0,
             )
             ax.set_title(title, fontsize=9)
     for ax in axes.ravel():

@@ -291,3 +291,27 @@ def test_uncompressed_bundle_matches_stock_transformers(qwen_dir, tmp_path):
     np.testing.assert_array_equal(ids, stock[:, : ids.shape[1]])
     for step in range(len(stock_logits)):
         np.testing.assert_allclose(logits[step][:2], stock_logits[step], atol=1e-4, rtol=0)
+
+
+def test_inspect_names_patches_without_cls_and_draws_the_grid(qwen_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from duet_export.cli import cli
+
+    image = tmp_path / "in.png"
+    random_image(5, size=90).save(image)
+    args = ["inspect", str(qwen_dir), "--image", str(image), "--prompt", PROMPTS[0], "--budget", "21"]
+    result = CliRunner().invoke(cli, [*args, "--json", "--overlay", str(tmp_path / "kept.png")])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output[result.output.index("{") :])
+    s1 = info["stage1"]
+    assert s1["cls"] is False and s1["tokens"] == len(s1["dominant"]) + len(s1["contextual"])
+    assert s1["kept"] == sorted(s1["dominant"] + [c["anchor"] for c in s1["contextual"]])
+    anchors = {c["anchor"] for c in s1["contextual"]}
+    for drop in info["stage2"]:
+        for index, name in zip(drop["kept"], drop["kept_tokens"], strict=True):
+            kind = "context" if s1["kept"][index] in anchors else "patch"
+            assert name == f"{kind}:{s1['kept'][index]}"
+    assert (tmp_path / "kept.png").stat().st_size > 1000
