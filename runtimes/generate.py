@@ -126,8 +126,8 @@ class OnnxVLM:
             image = image.convert("RGB")
         if image.size != (w, h):
             self.on_note(
-                f"image {image.width}x{image.height} resized to the bundle's {w}x{h} by the checkpoint's "
-                "image processor (shortest edge, then center crop)"
+                f"image {image.width}x{image.height} resized to the bundle's {w}x{h}: "
+                f"{self.manifest['image'].get('preprocessing', 'by the checkpoint image processor')}"
             )
         return image
 
