@@ -34,7 +34,8 @@ from duet_export.config import DuetConfig
 from duet_export.data.griddigits import GridSpec, build_griddigits
 from duet_export.data.records import read_llava_json, read_questions
 from duet_export.evaluation import evaluate
-from duet_export.loading import load
+from duet_export.inputs import prepare_inputs
+from duet_export.loading import load, load_image
 from duet_export.stages.budget import report, resolve_budget
 from duet_export.tiny import TinyLlavaSpec, build_tiny_llava, build_tiny_video_llava
 from duet_export.training import TrainSettings, train
@@ -116,6 +117,37 @@ def pretrain_vision(model_dir: Path, data: Path, steps: int, batch: int, seed: i
     return accuracy
 
 
+def match_text_scale(model_dir: Path, data: Path) -> float:
+    """Scale the projector's output layer so visual tokens enter the decoder at the norm of the text
+    embeddings. The pre-trained tower's features are ~20x larger; left so, the 256 visual tokens swamp the
+    residual stream at the answer position and the question's few tokens change the answer by ~1 %: the
+    model learned to read the grid but answered every question alike. Returns the factor applied."""
+    layout = json.loads((data / "train_layout.jsonl").read_text().splitlines()[0])
+    loaded = load(model_dir)
+    adapter = loaded.adapter
+    visual = load_visual_for_layout(data / layout["image"], adapter)
+    inputs = prepare_inputs(loaded.processor, adapter, [visual], ["Which digits are in the image?"])
+    pixels = inputs.get("pixel_values", inputs.get("pixel_values_videos"))
+    with torch.no_grad():
+        out = adapter.vision_layer(pixels.flatten(0, pixels.dim() - 4), need_scores=False)
+        visual_norm = adapter.project(adapter.uncompressed_tokens(out.hidden)).norm(dim=-1).mean()
+        text_norm = adapter.embed(inputs["input_ids"]).norm(dim=-1).mean()
+        factor = float(text_norm / visual_norm)
+        last = loaded.model.model.multi_modal_projector.linear_2
+        last.weight.mul_(factor)
+        last.bias.mul_(factor)
+    loaded.model.save_pretrained(model_dir)
+    print(f"projector output scaled by {factor:.4f}: visual tokens now at the text embeddings' norm")
+    return factor
+
+
+def load_visual_for_layout(frame: Path, adapter):
+    """One layout line names a frame image; a video model takes its whole clip folder."""
+    if adapter.media == "video":
+        return [load_image(p) for p in sorted(frame.parent.glob("*.png"))]
+    return load_image(frame)
+
+
 def stage1_only(duet: DuetConfig, budget: int) -> DuetConfig:
     """V2V alone down to `budget` tokens per image (or frame), with DUET's dominant/contextual split."""
     share = duet.contextual / (duet.dominant + duet.contextual)
@@ -174,6 +206,7 @@ def main() -> None:
         else:
             build_tiny_llava(base, model_spec)
         pretrain_vision(base, data, args.vision_steps, 32, args.seed)
+        match_text_scale(base, data)
     full_dir = out / "full"
     settings = TrainSettings(
         steps=args.steps, batch_size=args.batch_size, learning_rate=1e-3, warmup_steps=min(100, args.steps // 10),

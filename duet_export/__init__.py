@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 # Attributes load on first use, so that `duet_export.runtimes` (onnxruntime only) imports without torch.
 _LAZY = {
-    "compress": "duet_export.compress",
-    "decompress": "duet_export.compress",
-    "duet_config_of": "duet_export.compress",
-    "is_compressed": "duet_export.compress",
+    "compress": "duet_export.compression",
+    "decompress": "duet_export.compression",
+    "duet_config_of": "duet_export.compression",
+    "is_compressed": "duet_export.compression",
     "DuetConfig": "duet_export.config",
     "Geometry": "duet_export.config",
     "DuetError": "duet_export.errors",
@@ -31,7 +31,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from duet_export.answers import GenerationSettings
-    from duet_export.compress import compress, decompress, duet_config_of, is_compressed
+    from duet_export.compression import compress, decompress, duet_config_of, is_compressed
     from duet_export.config import DuetConfig, Geometry
     from duet_export.errors import DuetError
     from duet_export.generate import generate_answers

@@ -98,7 +98,7 @@ def compress_cmd(
 ) -> None:
     """Resolve a budget for MODEL_DIR, report it, and optionally answer a prompt with compression on."""
     from duet_export.atomic import atomic_file
-    from duet_export.compress import compress
+    from duet_export.compression import compress
     from duet_export.generate import GenerationSettings, generate_answers
     from duet_export.loading import load_visual
     from duet_export.stages.budget import report

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from duet_export.compress import compress, decompress
+from duet_export.compression import compress, decompress
 from duet_export.config import DuetConfig
 from duet_export.generate import Answer, GenerationSettings, generate_answers
 from duet_export.loading import LoadedModel, load

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from duet_export.compress import compress, decompress
+from duet_export.compression import compress, decompress
 from duet_export.config import DuetConfig
 from duet_export.data.records import Question
 from duet_export.generate import GenerationSettings, generate_answers

@@ -1,6 +1,6 @@
 """The compressed forward pass: Stage 1 on the image, Stage 2 between decoder layers, KV groups on decode.
 
-`DuetForward` replaces `forward` on one model instance (see `duet_export.compress`), so `model(...)`,
+`DuetForward` replaces `forward` on one model instance (see `duet_export.compression`), so `model(...)`,
 `model.generate(...)` and the HF Trainer all run through it. It reuses the model's own modules (vision
 tower layers, projector, decoder layers, norms, rotary embedding) and only decides which tokens flow.
 
@@ -125,7 +125,7 @@ class _Sequence:
 
 
 class DuetForward:
-    """A drop-in `forward` for a model with DUET compression on. Created by `duet_export.compress`."""
+    """A drop-in `forward` for a model with DUET compression on. Created by `duet_export.compression`."""
 
     def __init__(self, model: torch.nn.Module, adapter: Adapter, config: DuetConfig) -> None:
         self.model = model

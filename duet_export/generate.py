@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from duet_export.answers import Answer, GenerationSettings, decode_answer
-from duet_export.compress import duet_config_of
+from duet_export.compression import duet_config_of
 from duet_export.inputs import prepare_inputs
 from duet_export.loading import LoadedModel
 

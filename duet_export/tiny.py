@@ -254,6 +254,23 @@ def _llava_config(
     )
 
 
+def _save_random(out: Path, model_class, config, processor, seed: int, after_save=None) -> Path:
+    """Build `model_class(config)` with seeded random weights, take the generation ids from the tokenizer,
+    and save model + processor to `out` atomically (`after_save(tmp)` may adjust the files first)."""
+    torch.manual_seed(seed)
+    model = model_class(config)
+    tok = processor.tokenizer
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if after_save is not None:
+            after_save(Path(tmp))
+    return out
+
+
 def build_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec | None = None) -> Path:
     """Write a random tiny LLaVA checkpoint (model, tokenizer, processor) to `out_dir`, atomically."""
     spec = spec or TinyLlavaSpec()
@@ -280,15 +297,7 @@ def build_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec | None = No
         eos_id=tokenizer.eos_token_id,
         bos_id=tokenizer.bos_token_id,
     )
-    torch.manual_seed(spec.seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    return out
+    return _save_random(out, LlavaForConditionalGeneration, config, processor, spec.seed)
 
 
 def build_tiny_video_llava(
@@ -345,15 +354,7 @@ def build_tiny_video_llava(
             "video_token": "<video>",
         },
     )
-    torch.manual_seed(spec.seed)
-    model = VideoLlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    return out
+    return _save_random(out, VideoLlavaForConditionalGeneration, config, processor, spec.seed)
 
 
 # ---------------------------------------------------------------------------------------------- Qwen2.5-VL
@@ -507,20 +508,22 @@ def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, spec: TinyQwenSpec | None 
     )
     if 16 * eighth != head_dim:
         raise ValueError(f"text head_dim {head_dim} must be a multiple of 16 for the M-RoPE sections")
-    torch.manual_seed(spec.seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.bos_token_id = None
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+
+    def stock_processor_class(tmp: Path) -> None:
         # As the hub checkpoints: the stock processor class (which `load_processor` maps to the image-only one).
         for name in ("processor_config.json", "preprocessor_config.json"):
-            path = Path(tmp) / name
+            path = tmp / name
             if path.is_file():
                 stored = json.loads(path.read_text())
                 if "processor_class" in stored:
                     stored["processor_class"] = "Qwen2_5_VLProcessor"
                     path.write_text(json.dumps(stored, indent=2))
-    return out
+
+    return _save_random(
+        out,
+        Qwen2_5_VLForConditionalGeneration,
+        config,
+        processor,
+        spec.seed,
+        after_save=stock_processor_class,
+    )

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from duet_export.compress import compress, decompress
+from duet_export.compression import compress, decompress
 from duet_export.config import DuetConfig
 from duet_export.data.records import TrainingExample
 from duet_export.errors import DuetError

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from duet_export.compress import compress
+from duet_export.compression import compress
 from duet_export.config import DuetConfig
 from duet_export.generate import GenerationSettings, generate_answers
 from duet_export.inputs import prepare_inputs

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from duet_export.compress import compress, decompress, is_compressed
+from duet_export.compression import compress, decompress, is_compressed
 from duet_export.config import DuetConfig
 from duet_export.inputs import prepare_inputs
 from duet_export.stages.budget import resolve_budget
@@ -59,3 +59,14 @@ def test_compress_touches_only_its_instance(tiny_dir, tiny):
     other = load(tiny_dir)
     compress(tiny.model, budget=10)
     assert not is_compressed(other.model)
+
+
+def test_api_names_stay_functions_after_their_modules_load():
+    """`duet_export.compress` is the function even once the module that defines it is imported."""
+    import importlib
+
+    import duet_export
+
+    for name, module in duet_export._LAZY.items():
+        importlib.import_module(module)
+        assert not isinstance(getattr(duet_export, name), type(duet_export)), name

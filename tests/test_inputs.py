@@ -56,7 +56,7 @@ def test_mismatched_images_and_prompts(tiny, images):
 
 
 def test_forward_rejects_wrong_placeholder_count(tiny, images, prompts):
-    from duet_export.compress import compress
+    from duet_export.compression import compress
 
     config = DuetConfig(dominant=10, contextual=2)
     compress(tiny.model, config)

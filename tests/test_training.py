@@ -50,7 +50,11 @@ def test_griddigits_is_deterministic_and_splits_are_disjoint(grid, tmp_path):
     layout = [json.loads(line) for line in (grid / "train_layout.jsonl").read_text().splitlines()]
     assert len(layout) == SPEC.train_images and all(len(box) == 4 for r in layout for box in r["digits"])
     examples = read_llava_json(grid / "train.json")
-    assert len(examples) == 5 * SPEC.train_images and all(e.image.is_file() for e in examples)
+    assert len(examples) == 6 * SPEC.train_images and all(e.image.is_file() for e in examples)
+    echoes = [e for e in examples if e.question.startswith("Answer with ")]
+    assert len(echoes) == SPEC.train_images
+    for e in echoes:  # the answer is the question's own numbers
+        assert e.answer.split() == [w.strip(",.") for w in e.question.split() if w.strip(",.").isdigit()]
     # The dense answers depend on the question: which row to read, which digits are present.
     reads = [e for e in examples if e.question.startswith("Read row ")]
     assert len(reads) == SPEC.train_images and all(len(e.answer.split()) == SPEC.cols for e in reads)

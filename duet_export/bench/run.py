@@ -22,7 +22,7 @@ import torch
 
 from duet_export.bench.flops import prefill_flops
 from duet_export.bench.shapes import SHAPE_FRAMES, SHAPES, shape_spec
-from duet_export.compress import compress, decompress
+from duet_export.compression import compress, decompress
 from duet_export.config import DuetConfig
 from duet_export.errors import DuetError
 from duet_export.export.bundle import ExportOptions, export_bundle

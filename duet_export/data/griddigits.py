@@ -13,9 +13,11 @@ in the clip?", "How many frames show a 3?".
 
 Training samples also get dense, question-dependent supervision, the part a captioning stage plays for real
 VLMs: "Read row 2." (or "Read frame 2.") answered with those cells in reading order ("4 - 7 0"), and "Which
-digits are in the image?" answered with the sorted digits present. Without it a model trained from scratch
-sits at the answer priors; with a question-independent transcription instead ("Read the grid.") it learns to
-read but ignores the question. Test questions are the three kinds above.
+digits are in the image?" answered with the sorted digits present, and an echo ("Answer with row 2, column
+3." -> "2 3") that teaches carrying the question's numbers to the answer position, the first hop of every
+question. Without dense supervision a model trained from scratch sits at the answer priors; with a
+question-independent transcription instead ("Read the grid.") it learns to read but ignores the question.
+Test questions are the three kinds above.
 
 Train and test images draw their digits from disjoint halves of the scans, so the test measures reading
 digits never seen in training. Everything is seeded: the same arguments give the same files.
@@ -116,6 +118,16 @@ def _questions(
             r = int(rng.integers(spec.rows))
             out.append(("read", f"Read row {r + 1}.", _cells(labels[0, r])))
         out.append(("list", f"Which digits are in the {where}?", " ".join(map(str, present)) or "-"))
+        # Carry the question's numbers to the answer (no image needed): the first hop of every question,
+        # which a model trained from scratch otherwise has to discover together with the second.
+        if rng.random() < 0.5:
+            d = int(rng.integers(10))
+            out.append(("echo", f"Answer with the digit {d}.", str(d)))
+        else:
+            cell = [int(rng.integers(n)) + 1 for n in labels.shape[int(not clip) :]]
+            names = ["frame", "row", "column"][int(not clip) :]
+            words = ", ".join(f"{name} {k}" for name, k in zip(names, cell, strict=True))
+            out.append(("echo", f"Answer with {words}.", " ".join(map(str, cell))))
     filled = np.argwhere(labels >= 0)
     if len(filled):
         f, r, c = (int(x) for x in filled[rng.integers(len(filled))])

@@ -162,30 +162,45 @@ class Adapter(ABC):
         return 0
 
     # ------------------------------------------------------------------ decoder side
+    # The Hugging Face VLM layout every family so far shares (`model.model.language_model`, a Llama/Qwen2-style
+    # decoder, and `model.lm_head`); a family with another layout overrides these.
     @property
-    @abstractmethod
-    def decoder_layers(self) -> nn.ModuleList: ...
-
-    @abstractmethod
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
-
-    @abstractmethod
-    def rotary(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    @abstractmethod
-    def attention_parts(self, layer: nn.Module) -> AttentionParts: ...
-
-    @abstractmethod
-    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor: ...
-
-    @abstractmethod
-    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor: ...
+    def _lm(self) -> nn.Module:
+        return self.model.model.language_model
 
     @property
-    @abstractmethod
-    def text_config(self): ...
+    def decoder_layers(self) -> nn.ModuleList:
+        return self._lm.layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._lm.embed_tokens(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for `position_ids` ([B, T]; M-RoPE decoders also take [3, B, T])."""
+        return self._lm.rotary_emb(hidden, position_ids=position_ids)
+
+    def attention_parts(self, layer: nn.Module) -> AttentionParts:
+        cfg = self.text_config
+        attn = layer.self_attn
+        return AttentionParts(
+            input_norm=layer.input_layernorm,
+            q_proj=attn.q_proj,
+            k_proj=attn.k_proj,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=attn.head_dim,
+            scale=attn.scaling,
+        )
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._lm.norm(hidden)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
 
     @abstractmethod
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from duet_export.errors import DuetError
-from duet_export.models.base import Adapter, AttentionParts, VisionLayerOutput
+from duet_export.models.base import Adapter, VisionLayerOutput
 from duet_export.stages.v2v import cls_attention_and_keys
 
 __all__ = ["LlavaAdapter"]
@@ -56,10 +56,6 @@ class LlavaAdapter(Adapter):
     def uncompressed_tokens_per_image(self) -> int:
         return self.num_patches + (1 if self.select_strategy == "full" else 0)
 
-    @property
-    def text_config(self):
-        return self.model.config.text_config
-
     # ------------------------------------------------------------------ vision side
     def vision_layer(self, pixel_values: torch.Tensor, need_scores: bool) -> VisionLayerOutput:
         tower = self.tower
@@ -84,40 +80,7 @@ class LlavaAdapter(Adapter):
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(tokens)
 
-    # ------------------------------------------------------------------ decoder side
-    @property
-    def _lm(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self._lm.layers
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._lm.embed_tokens(input_ids)
-
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._lm.rotary_emb(hidden, position_ids=position_ids)
-
-    def attention_parts(self, layer: nn.Module) -> AttentionParts:
-        cfg = self.text_config
-        attn = layer.self_attn
-        return AttentionParts(
-            input_norm=layer.input_layernorm,
-            q_proj=attn.q_proj,
-            k_proj=attn.k_proj,
-            num_heads=cfg.num_attention_heads,
-            num_kv_heads=cfg.num_key_value_heads,
-            head_dim=attn.head_dim,
-            scale=attn.scaling,
-        )
-
-    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._lm.norm(hidden)
-
-    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden)
-
+    # ------------------------------------------------------------------ decoder side (Adapter's defaults)
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         inner = self.model.model
         return {

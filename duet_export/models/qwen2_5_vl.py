@@ -27,7 +27,7 @@ from torch import nn
 
 from duet_export.config import DuetConfig, Geometry
 from duet_export.errors import DuetError
-from duet_export.models.base import Adapter, AttentionParts, VisionLayerOutput
+from duet_export.models.base import Adapter, VisionLayerOutput
 from duet_export.stages.budget import ReferenceRules
 from duet_export.stages.t2v import gather_rows
 from duet_export.stages.v2v import V2VResult, v2v_merge
@@ -141,10 +141,6 @@ class Qwen2_5_VLAdapter(Adapter):
     @property
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
-
-    @property
-    def text_config(self):
-        return self.model.config.text_config
 
     # ------------------------------------------------------------------ inputs
     def pixel_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -389,40 +385,6 @@ class Qwen2_5_VLAdapter(Adapter):
         return max(self.merged_grid) - visual_tokens
 
     # ------------------------------------------------------------------ decoder side
-    @property
-    def _lm(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self._lm.layers
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._lm.embed_tokens(input_ids)
-
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [B, T, head_dim] with the M-RoPE sections interleaved; [B, T] positions mean (p, p, p)."""
-        return self._lm.rotary_emb(hidden, position_ids)
-
-    def attention_parts(self, layer: nn.Module) -> AttentionParts:
-        cfg = self.text_config
-        attn = layer.self_attn
-        return AttentionParts(
-            input_norm=layer.input_layernorm,
-            q_proj=attn.q_proj,
-            k_proj=attn.k_proj,
-            num_heads=cfg.num_attention_heads,
-            num_kv_heads=cfg.num_key_value_heads,
-            head_dim=attn.head_dim,
-            scale=attn.scaling,
-        )
-
-    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._lm.norm(hidden)
-
-    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden)
-
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         merger = list(self.tower.merger.parameters())
         merger_ids = {id(p) for p in merger}
