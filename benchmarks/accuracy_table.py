@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -117,28 +118,40 @@ def pretrain_vision(model_dir: Path, data: Path, steps: int, batch: int, seed: i
     return accuracy
 
 
-def match_text_scale(model_dir: Path, data: Path) -> float:
-    """Scale the projector's output layer so visual tokens enter the decoder at the norm of the text
-    embeddings. The pre-trained tower's features are ~20x larger; left so, the 256 visual tokens swamp the
-    residual stream at the answer position and the question's few tokens change the answer by ~1 %: the
-    model learned to read the grid but answered every question alike. Returns the factor applied."""
-    layout = json.loads((data / "train_layout.jsonl").read_text().splitlines()[0])
+def balance_init(model_dir: Path, data: Path) -> dict[str, float]:
+    """Put token identity, layer updates and visual tokens on one scale before training (after the tower's
+    pre-training). With one init std for everything (HF's default) a 128-wide model starts with text
+    embeddings of norm ~1 under layer outputs of norm ~13, and the pre-trained tower's features arrive ~20x
+    larger still: the question's few tokens then move the answer by ~1 %, and the model learned to read the
+    grid but answered every question alike. So: text embeddings at unit RMS per entry (the scale every
+    RMS-normed layer input has), the residual projections (o_proj, down_proj) scaled by 1/sqrt(2L) as
+    GPT-2 does, and the projector's output layer scaled so visual tokens enter at the text embeddings' norm.
+    Returns the factors applied."""
     loaded = load(model_dir)
     adapter = loaded.adapter
+    lm = loaded.model.model.language_model
+    layout = json.loads((data / "train_layout.jsonl").read_text().splitlines()[0])
     visual = load_visual_for_layout(data / layout["image"], adapter)
     inputs = prepare_inputs(loaded.processor, adapter, [visual], ["Which digits are in the image?"])
     pixels = inputs.get("pixel_values", inputs.get("pixel_values_videos"))
     with torch.no_grad():
+        embed = lm.embed_tokens.weight
+        factors = {"embeddings": float(1.0 / embed.pow(2).mean().sqrt())}
+        embed.mul_(factors["embeddings"])
+        factors["residual"] = 1.0 / math.sqrt(2 * len(lm.layers))
+        for layer in lm.layers:
+            layer.self_attn.o_proj.weight.mul_(factors["residual"])
+            layer.mlp.down_proj.weight.mul_(factors["residual"])
         out = adapter.vision_layer(pixels.flatten(0, pixels.dim() - 4), need_scores=False)
         visual_norm = adapter.project(adapter.uncompressed_tokens(out.hidden)).norm(dim=-1).mean()
         text_norm = adapter.embed(inputs["input_ids"]).norm(dim=-1).mean()
-        factor = float(text_norm / visual_norm)
+        factors["projector"] = float(text_norm / visual_norm)
         last = loaded.model.model.multi_modal_projector.linear_2
-        last.weight.mul_(factor)
-        last.bias.mul_(factor)
+        last.weight.mul_(factors["projector"])
+        last.bias.mul_(factors["projector"])
     loaded.model.save_pretrained(model_dir)
-    print(f"projector output scaled by {factor:.4f}: visual tokens now at the text embeddings' norm")
-    return factor
+    print("balanced initialisation: " + ", ".join(f"{k} x{v:.4f}" for k, v in factors.items()))
+    return factors
 
 
 def load_visual_for_layout(frame: Path, adapter):
@@ -206,7 +219,7 @@ def main() -> None:
         else:
             build_tiny_llava(base, model_spec)
         pretrain_vision(base, data, args.vision_steps, 32, args.seed)
-        match_text_scale(base, data)
+        balance_init(base, data)
     full_dir = out / "full"
     settings = TrainSettings(
         steps=args.steps, batch_size=args.batch_size, learning_rate=1e-3, warmup_steps=min(100, args.steps // 10),
