@@ -168,14 +168,20 @@ def tiny_vocabulary() -> list[str]:
     return words
 
 
-def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    """A lower-casing word-level fast tokenizer with `<image>` (and `<video>`, if listed) as special tokens."""
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+def _word_level(vocab: dict[str, int], unk: str) -> Tokenizer:
+    """Lower-casing, whitespace- and punctuation-split word-level model over `vocab`."""
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
     )
+    return tok
+
+
+def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A lower-casing word-level fast tokenizer with `<image>` (and `<video>`, if listed) as special tokens."""
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = _word_level(vocab, "<unk>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
@@ -385,12 +391,7 @@ def build_qwen_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     """A lower-casing word-level tokenizer with Qwen's special tokens (no BOS, as Qwen) and a newline token."""
     from tokenizers import AddedToken
 
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
+    tok = _word_level({w: i for i, w in enumerate(words)}, "<|endoftext|>")
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
     tok.add_tokens([AddedToken("\n", normalized=False)])
     return PreTrainedTokenizerFast(

@@ -231,18 +231,19 @@ def test_malformed_questions(tiny_dir, tmp_path, grid):
 
 
 @pytest.mark.slow
-def test_accuracy_table_quick(tmp_path):
-    """The table's whole pipeline on a few steps (`pytest -m slow`): data, vision pre-training, training,
-    the five settings at both reductions, table and plot."""
+@pytest.mark.parametrize("video", [False, True], ids=["images", "clips"])
+def test_accuracy_table_quick(tmp_path, video):
+    """The table's whole pipeline on a few steps (`pytest -m slow`): data, vision pre-training, balanced
+    initialisation, training, the five settings at both reductions, table and plot; images and clips."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).parents[1] / "benchmarks" / "accuracy_table.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--out", str(tmp_path), "--quick"], capture_output=True, text=True
-    )
+    args = [sys.executable, str(script), "--out", str(tmp_path), "--quick", *(["--video"] if video else [])]
+    proc = subprocess.run(args, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert len(rows) == 9 and (tmp_path / "accuracy.png").is_file()
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert len(result["rows"]) == 9 and (tmp_path / "accuracy.png").is_file()
+    assert result["family"] == ("video-llava" if video else "llava")
     assert "DUET trained" in (tmp_path / "table.md").read_text()
