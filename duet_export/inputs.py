@@ -22,9 +22,9 @@ __all__ = ["EncodedPrompts", "encode_prompts", "placeholders_per_image", "prepar
 def placeholders_per_image(adapter: Adapter, config: DuetConfig | None) -> int | None:
     """Placeholder tokens per image or frame: Stage 1's output, else as the processor writes them (None:
     leave an image's run as it is; a clip's run is always written here, since no processor expands it)."""
-    if config is not None and config.stage1:
-        return config.tokens_per_frame(adapter.num_patches)
-    return adapter.uncompressed_tokens_per_image if adapter.media == "video" else None
+    if adapter.media == "video" or (config is not None and config.stage1):
+        return adapter.tokens_per_image(config)
+    return None
 
 
 def prepare_inputs(

@@ -48,8 +48,7 @@ def prefill_flops(adapter: Adapter, config: DuetConfig | None, text_tokens: int)
     compressed = config is not None and config.stage1
     layers = adapter.feature_layer_index + 1 if compressed else vc.num_hidden_layers
     patch_embed = 2 * n * 3 * vc.patch_size**2 * d
-    per_image_tokens = config.tokens_per_frame(n) if compressed else adapter.uncompressed_tokens_per_image
-    projector = 2 * per_image_tokens * (d * tc.hidden_size + tc.hidden_size * tc.hidden_size)
+    projector = 2 * adapter.tokens_per_image(config) * (d * tc.hidden_size + tc.hidden_size * tc.hidden_size)
     vision = frames * (patch_embed + layers * per_layer + projector)
     cfg_or_off = config or DuetConfig()
     counts = cfg_or_off.tokens_per_layer(geometry)

@@ -123,12 +123,7 @@ def export_bundle(
     forward = DuetForward(loaded.model, adapter, config)
     budget = report(config, geometry)
     b = options.batch
-    # Stage 1 off: as many tokens per image/frame as the processor writes (a video frame keeps its CLS).
-    per_image = (
-        config.tokens_per_frame(geometry.num_patches)
-        if config.stage1
-        else adapter.uncompressed_tokens_per_image
-    )
+    per_image = adapter.tokens_per_image(config)
     visual = per_image * geometry.frames
     length = options.max_prompt + visual
     group_lengths = [length - visual + v for v in [visual, *budget.group_tokens[1:]]]

@@ -91,6 +91,13 @@ class Adapter(ABC):
         """Placeholder tokens the checkpoint's processor writes per image."""
         return self.num_patches
 
+    def tokens_per_image(self, config: DuetConfig | None) -> int:
+        """Visual tokens one image (or frame) feeds the decoder: Stage 1's output when it is on, else as
+        many as the processor writes (a video frame keeps its CLS)."""
+        if config is not None and config.stage1:
+            return config.tokens_per_frame(self.num_patches)
+        return self.uncompressed_tokens_per_image
+
     # ------------------------------------------------------------------ vision side
     def attach_processor(self, processor) -> None:
         """Called by `load` with the checkpoint's processor, for families whose geometry depends on it."""
