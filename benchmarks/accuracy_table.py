@@ -36,7 +36,8 @@ from duet_export.data.griddigits import GridSpec, build_griddigits
 from duet_export.data.records import read_llava_json, read_questions
 from duet_export.evaluation import evaluate
 from duet_export.inputs import prepare_inputs
-from duet_export.loading import load, load_image
+from duet_export.loading import load, load_image, load_visual
+from duet_export.prompts import image_pixels
 from duet_export.stages.budget import report, resolve_budget
 from duet_export.tiny import TinyLlavaSpec, build_tiny_llava, build_tiny_video_llava
 from duet_export.training import TrainSettings, train
@@ -76,8 +77,6 @@ def pretrain_vision(model_dir: Path, data: Path, steps: int, batch: int, seed: i
     """
     import random
 
-    from PIL import Image
-
     loaded = load(model_dir)
     adapter, tower = loaded.adapter, loaded.adapter.tower
     patch, grid = adapter.patch_size, adapter.image_size // adapter.patch_size
@@ -90,9 +89,8 @@ def pretrain_vision(model_dir: Path, data: Path, steps: int, batch: int, seed: i
     accuracy = 0.0
     for step in range(steps):
         chunk = rng.sample(rows, batch)
-        images = [Image.open(data / r["image"]).convert("RGB") for r in chunk]
-        out = loaded.processor.image_processor(images, return_tensors="pt")
-        pixels = out["pixel_values"] if "pixel_values" in out else out["pixel_values_images"]
+        images = [load_image(data / r["image"]) for r in chunk]
+        pixels = torch.from_numpy(image_pixels(loaded.processor.image_processor, images))
         target = torch.full((batch, grid * grid), 10, dtype=torch.long)
         for i, r in enumerate(chunk):
             for y, x, size, label in r["digits"]:
@@ -131,7 +129,8 @@ def balance_init(model_dir: Path, data: Path) -> dict[str, float]:
     adapter = loaded.adapter
     lm = loaded.model.model.language_model
     layout = json.loads((data / "train_layout.jsonl").read_text().splitlines()[0])
-    visual = load_visual_for_layout(data / layout["image"], adapter)
+    frame = data / layout["image"]  # a video model takes the frame's whole clip (its folder)
+    visual = load_visual(frame.parent if adapter.media == "video" else frame, adapter)
     inputs = prepare_inputs(loaded.processor, adapter, [visual], ["Which digits are in the image?"])
     pixels = inputs.get("pixel_values", inputs.get("pixel_values_videos"))
     with torch.no_grad():
@@ -152,13 +151,6 @@ def balance_init(model_dir: Path, data: Path) -> dict[str, float]:
     loaded.model.save_pretrained(model_dir)
     print("balanced initialisation: " + ", ".join(f"{k} x{v:.4f}" for k, v in factors.items()))
     return factors
-
-
-def load_visual_for_layout(frame: Path, adapter):
-    """One layout line names a frame image; a video model takes its whole clip folder."""
-    if adapter.media == "video":
-        return [load_image(p) for p in sorted(frame.parent.glob("*.png"))]
-    return load_image(frame)
 
 
 def stage1_only(duet: DuetConfig, budget: int) -> DuetConfig:

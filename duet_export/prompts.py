@@ -16,7 +16,7 @@ from PIL import Image
 from duet_export.errors import DuetError
 from duet_export.stages.salient import salient_spans, token_mask_from_spans
 
-__all__ = ["EncodedPrompts", "encode_prompts", "render_prompt"]
+__all__ = ["EncodedPrompts", "encode_prompts", "image_pixels", "render_prompt"]
 
 
 MEDIA = ("image", "video")
@@ -107,8 +107,9 @@ def _expand(ids: list[int], token: int, count: int) -> list[int]:
     return [t for i in ids for t in ([i] * count if i == token else [i])]
 
 
-def _frame_pixels(image_processor, frames: Sequence[Image.Image]) -> np.ndarray:
-    """[F, 3, H, W]: the checkpoint's image processor on every frame (what its video processor does)."""
+def image_pixels(image_processor, frames: Sequence[Image.Image]) -> np.ndarray:
+    """[F, 3, H, W]: the checkpoint's image processor on every image or frame (what a video processor does),
+    whichever key the processor returns them under."""
     out = image_processor(list(frames), return_tensors="np")
     values = out["pixel_values"] if "pixel_values" in out else out["pixel_values_images"]
     return np.asarray(values, dtype=np.float32)
@@ -156,7 +157,7 @@ def encode_prompts(
                 raise ValueError("a clip needs tokens_per_image (placeholders per frame)")
             text, start = render_prompt(processor, prompt, num_images=1, raw=raw, media=media)
             enc = {"input_ids": [_expand(processor.tokenizer(text)["input_ids"], image_token_id, frames)]}
-            pixels.append(_frame_pixels(processor.image_processor, clip))
+            pixels.append(image_pixels(processor.image_processor, clip))
         else:
             group = [image] if isinstance(image, Image.Image) else list(image)
             text, start = render_prompt(processor, prompt, num_images=len(group), raw=raw)

@@ -143,10 +143,7 @@ class OnnxVLM:
             raise DuetError(
                 "a video bundle takes a clip (a list of frames, a folder of frames or a video file)"
             )
-        clip = [self.load_image(frame) for frame in item]
-        if len(clip) != frames:
-            raise DuetError(f"the clip has {len(clip)} frames; the bundle takes {frames}")
-        return clip
+        return [self.load_image(frame) for frame in item]  # encode_prompts checks the frame count
 
     def encode(
         self, images: Sequence[ImageLike], prompts: Sequence[str], raw: bool = False
