@@ -222,9 +222,8 @@ class TinyLlavaSpec:
     seed: int = 0
 
 
-def _llava_config(
-    spec: TinyLlavaSpec, vocab_size: int, image_token_id: int, pad_id: int, eos_id: int, bos_id: int
-):
+def _llava_config(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast):
+    """A LLaVA config of `spec`'s sizes whose special token ids are `tokenizer`'s."""
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
@@ -236,7 +235,7 @@ def _llava_config(
         initializer_range=spec.init_range,
     )
     text = LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=len(tokenizer),
         hidden_size=spec.text_hidden,
         intermediate_size=spec.intermediate,
         num_hidden_layers=spec.text_layers,
@@ -244,15 +243,15 @@ def _llava_config(
         num_key_value_heads=spec.text_kv_heads,
         max_position_embeddings=spec.max_positions,
         initializer_range=spec.init_range,
-        pad_token_id=pad_id,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
     return LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=image_token_id,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=spec.feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
@@ -295,14 +294,7 @@ def build_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec | None = No
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
-    config = _llava_config(
-        spec,
-        vocab_size=len(words),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_id=tokenizer.pad_token_id,
-        eos_id=tokenizer.eos_token_id,
-        bos_id=tokenizer.bos_token_id,
-    )
+    config = _llava_config(spec, tokenizer)
     return _save_random(out, LlavaForConditionalGeneration, config, processor, spec.seed)
 
 
@@ -323,14 +315,7 @@ def build_tiny_video_llava(
     words = tiny_vocabulary()
     words.insert(words.index("<image>") + 1, "<video>")
     tokenizer = build_word_tokenizer(words)
-    llava = _llava_config(
-        spec,
-        vocab_size=len(words),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_id=tokenizer.pad_token_id,
-        eos_id=tokenizer.eos_token_id,
-        bos_id=tokenizer.bos_token_id,
-    )
+    llava = _llava_config(spec, tokenizer)
     n = (spec.image_size // spec.patch_size) ** 2
     config = VideoLlavaConfig(
         vision_config=llava.vision_config,
