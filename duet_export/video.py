@@ -43,11 +43,23 @@ def _decode(path: Path, frames: int) -> list[Image.Image]:
             f"reading {path.name} needs PyAV: pip install 'duet-export[video]' (or give a folder of frames)"
         ) from None
     try:
+        # Count frames from the packets first (no decoding), then decode keeping only the sampled ones:
+        # a long video never sits in memory as images.
         with av.open(str(path)) as container:
-            decoded = [f.to_image() for f in container.decode(video=0)]
+            total = sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
+        wanted = set(sample_indices(total, frames))
+        clip = []
+        with av.open(str(path)) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in wanted:
+                    clip.append(frame.to_image())
+                if len(clip) == frames:
+                    break
     except (av.error.FFmpegError, ValueError, IndexError) as e:
         raise DuetError(f"{path} is not a video PyAV can read ({e.__class__.__name__})") from None
-    return [decoded[i] for i in sample_indices(len(decoded), frames)]
+    if len(clip) != frames:
+        raise DuetError(f"{path}: decoded {len(clip)} of the {frames} frames sampled from {total} packets")
+    return clip
 
 
 def open_clip(path: str | os.PathLike, frames: int) -> list[Image.Image]:
