@@ -149,21 +149,20 @@ def encode_prompts(
     rows, masks, pixels = [], [], []
     aligned = True
     for image, prompt in zip(images, prompts, strict=True):
+        group = [image] if isinstance(image, Image.Image) else list(image)  # images, or a clip's frames
         if media == "video":
-            clip = [image] if isinstance(image, Image.Image) else list(image)
-            if len(clip) != frames:
-                raise DuetError(f"the clip has {len(clip)} frames; the model takes {frames}")
+            if len(group) != frames:
+                raise DuetError(f"the clip has {len(group)} frames; the model takes {frames}")
             if tokens_per_image is None:
                 raise ValueError("a clip needs tokens_per_image (placeholders per frame)")
             text, start = render_prompt(processor, prompt, num_images=1, raw=raw, media=media)
-            enc = {"input_ids": [_expand(processor.tokenizer(text)["input_ids"], image_token_id, frames)]}
-            pixels.append(image_pixels(processor.image_processor, clip))
+            ids = _expand([int(x) for x in processor.tokenizer(text)["input_ids"]], image_token_id, frames)
+            pixels.append(image_pixels(processor.image_processor, group))
         else:
-            group = [image] if isinstance(image, Image.Image) else list(image)
             text, start = render_prompt(processor, prompt, num_images=len(group), raw=raw)
             enc = processor(images=group, text=text, return_tensors="np")
+            ids = [int(x) for x in enc["input_ids"][0]]
             pixels.append(np.asarray(enc["pixel_values"], dtype=np.float32))
-        ids = [int(x) for x in enc["input_ids"][0]]
         qmask = _query_mask(processor, text, start, prompt if not raw else text, ids, image_token_id)
         aligned &= qmask is not None
         qmask = qmask or [False] * len(ids)
