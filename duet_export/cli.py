@@ -251,6 +251,9 @@ def _provider_options(func):
             click.option(
                 "--cuda-graph", is_flag=True, help="CUDA: capture the static graphs as CUDA graphs."
             ),
+            click.option(
+                "--tf32", is_flag=True, help="CUDA: TF32 matrix products (faster, fp32 results drift)."
+            ),
         ]
     ):
         func = option(func)
@@ -274,7 +277,11 @@ def run_cmd(
     from duet_export.runtimes import OnnxVLM, ProviderSettings
 
     settings = ProviderSettings(
-        provider["device_id"], provider["fp16"], provider["cache_dir"], provider["cuda_graph"]
+        provider["device_id"],
+        provider["fp16"],
+        provider["cache_dir"],
+        provider["cuda_graph"],
+        provider["tf32"],
     )
     vlm = OnnxVLM(
         bundle, provider["provider"], settings, on_note=lambda m: click.echo(f"note: {m}", err=True)

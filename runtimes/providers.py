@@ -34,6 +34,10 @@ class ProviderSettings:
     fp16: bool = False  # MIGraphX: migraphx_fp16_enable
     cache_dir: str | None = None  # MIGraphX: compiled-model cache (ORT_MIGRAPHX_MODEL_CACHE_PATH)
     cuda_graph: bool = False  # CUDA: enable_cuda_graph (needs the static shapes a bundle has)
+    # CUDA: use_tf32. onnxruntime turns TF32 on by default, which rounds fp32 matrix products to a 10-bit
+    # mantissa: a float32 bundle then no longer matches the float32 model (PyTorch keeps TF32 off for
+    # matrix products by default), and greedy tokens can flip. Off unless asked for.
+    tf32: bool = False
 
 
 def available() -> list[str]:
@@ -51,7 +55,11 @@ def _options(short: str, settings: ProviderSettings) -> dict[str, str]:
             os.environ["ORT_MIGRAPHX_MODEL_CACHE_PATH"] = settings.cache_dir
         return opts
     if short == "cuda":
-        return {"device_id": str(settings.device_id), "enable_cuda_graph": str(int(settings.cuda_graph))}
+        return {
+            "device_id": str(settings.device_id),
+            "enable_cuda_graph": str(int(settings.cuda_graph)),
+            "use_tf32": str(int(settings.tf32)),
+        }
     return {}
 
 

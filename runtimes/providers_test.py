@@ -33,7 +33,7 @@ def test_provider_options(monkeypatch, tmp_path):
     assert (tmp_path / "cache").is_dir()
     assert providers.os.environ["ORT_MIGRAPHX_MODEL_CACHE_PATH"] == str(tmp_path / "cache")
     (_name, opts), _ = select_providers("cuda", settings)
-    assert opts == {"device_id": "1", "enable_cuda_graph": "1"}
+    assert opts == {"device_id": "1", "enable_cuda_graph": "1", "use_tf32": "0"}
 
 
 def test_absent_or_unknown_provider_is_a_clear_error(monkeypatch):
