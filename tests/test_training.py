@@ -79,6 +79,17 @@ def test_griddigits_clips(tmp_path):
     assert len(layout) == 4 * 3  # one line per frame image
 
 
+def test_griddigits_without_jitter_puts_every_digit_at_its_cells_middle_spot(tmp_path):
+    spec = GridSpec(rows=2, cols=3, cell=32, digit=8, align=8, jitter=False, train_images=3, test_images=2)
+    build_griddigits(tmp_path / "fixed", spec, echo=lambda m: None)
+    boxes = [
+        box
+        for line in (tmp_path / "fixed" / "train_layout.jsonl").read_text().splitlines()
+        for box in json.loads(line)["digits"]
+    ]
+    assert boxes and {(y % 32, x % 32) for y, x, _size, _label in boxes} == {(8, 8)}
+
+
 def _weights(path):
     return load_file(str(path / "model.safetensors"))
 

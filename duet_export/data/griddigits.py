@@ -46,6 +46,7 @@ class GridSpec:
     digit: int = 24
     empty: float = 0.25  # probability that a cell is empty
     align: int = 0  # >0: digits sit on a grid of this many pixels (e.g. the model's patch size)
+    jitter: bool = True  # False: every digit sits at the same spot of its cell (the middle, on the align grid)
     transcribe: bool = True  # training samples also get the dense "Read row ..." / "Which digits ..." answers
     frames: int = 1  # >1: every sample is a clip of this many grids
     train_images: int = 3000
@@ -71,7 +72,8 @@ def render_grid(
     rng: np.random.Generator,
     labels: np.ndarray | None = None,
 ) -> tuple[Image.Image, list[list[int]]]:
-    """Draw a grid: `picks[r, c]` is a scan index, or -1 for an empty cell (small jitter per digit).
+    """Draw a grid: `picks[r, c]` is a scan index, or -1 for an empty cell (small jitter per digit, unless
+    `spec.jitter` is off).
 
     Returns the image and, per digit, its box and label `[y, x, size, label]` (label -1 without `labels`).
     """
@@ -86,7 +88,9 @@ def render_grid(
             glyph = Image.fromarray((scans[picks[r, c]] * 255).astype(np.uint8))
             if spec.digit != glyph.width:
                 glyph = glyph.resize((spec.digit, spec.digit), Image.BILINEAR)
-            if spec.align:
+            if not spec.jitter:
+                dy = dx = margin // 2 // max(spec.align, 1) * max(spec.align, 1)
+            elif spec.align:
                 dy, dx = spec.align * rng.integers(0, margin // spec.align + 1, 2)
             else:
                 dy, dx = rng.integers(0, margin + 1, 2)
