@@ -46,7 +46,7 @@ class GridSpec:
     digit: int = 24
     empty: float = 0.25  # probability that a cell is empty
     align: int = 0  # >0: digits sit on a grid of this many pixels (e.g. the model's patch size)
-    jitter: bool = True  # False: every digit sits at the same spot of its cell (the middle, on the align grid)
+    jitter: bool = True  # False: every digit at the same spot of its cell (mid-cell, on the align grid)
     transcribe: bool = True  # training samples also get the dense "Read row ..." / "Which digits ..." answers
     frames: int = 1  # >1: every sample is a clip of this many grids
     train_images: int = 3000
