@@ -40,7 +40,7 @@ from duet_export.loading import load, load_image, load_visual
 from duet_export.prompts import image_pixels
 from duet_export.stages.budget import report, resolve_budget
 from duet_export.tiny import TinyLlavaSpec, build_tiny_llava, build_tiny_video_llava
-from duet_export.training import TrainSettings, train
+from duet_export.training import TrainSettings, parse_parts, train
 
 MODEL = TinyLlavaSpec(
     image_size=128,
@@ -187,7 +187,7 @@ def main() -> None:
     recipe = ap.add_argument_group("recipe search (the defaults make the published table)")
     recipe.add_argument("--learning-rate", type=float, default=5e-4)
     recipe.add_argument(
-        "--train-parts", default="projector,llm", help="comma-separated: vision, projector, llm"
+        "--train-parts", default="projector,llm", help="comma-separated: vision, projector, llm (or all)"
     )
     recipe.add_argument("--text-layers", type=int, help="decoder layers (default: the model spec's)")
     recipe.add_argument(
@@ -209,7 +209,7 @@ def main() -> None:
     )
     if args.text_layers:
         model_spec = replace(model_spec, text_layers=args.text_layers)
-    parts = tuple(p.strip() for p in args.train_parts.split(",") if p.strip())
+    parts = parse_parts(args.train_parts)
     data = out / "data"
     if not (data / "spec.json").is_file():
         spec = GridSpec(

@@ -400,12 +400,12 @@ def train_cmd(
     save_steps, seed, resume, **opts,
 ) -> None:  # fmt: skip
     """Fine-tune MODEL_DIR on LLaVA-format DATA with DUET in the forward pass (HF Trainer)."""
-    from duet_export.training import PARTS, TrainSettings, train
+    from duet_export.training import TrainSettings, parse_parts, train
 
     examples = _training_data(data, image_folder)
     loaded = _load(model_dir)
     config = config_or_baseline(loaded.adapter, no_compress, **opts)
-    chosen = PARTS if parts.strip() == "all" else tuple(p.strip() for p in parts.split(",") if p.strip())
+    chosen = parse_parts(parts)
     settings = TrainSettings(
         steps=steps, batch_size=batch_size, learning_rate=lr, warmup_steps=warmup, train=chosen,
         save_steps=save_steps, seed=seed, grad_accum=grad_accum, resume=resume,

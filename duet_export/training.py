@@ -28,9 +28,15 @@ from duet_export.forward import IGNORE_INDEX
 from duet_export.inputs import encode_prompts, placeholders_per_image
 from duet_export.loading import LoadedModel, load_visual
 
-__all__ = ["PARTS", "TrainResult", "TrainSettings", "VQACollator", "train"]
+__all__ = ["PARTS", "TrainResult", "TrainSettings", "VQACollator", "parse_parts", "train"]
 
 PARTS = ("vision", "projector", "llm")
+
+
+def parse_parts(text: str) -> tuple[str, ...]:
+    """`--train` / `--train-parts` text -> part names: "all", or a comma-separated subset of PARTS (checked
+    when training starts, so that the error names what was given)."""
+    return PARTS if text.strip() == "all" else tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 @dataclass(frozen=True)
