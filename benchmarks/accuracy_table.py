@@ -2,8 +2,10 @@
 
 Trains a small LLaVA-style model from scratch (CLIP-like tower on 128x128 images, patch 8 -> N = 256
 patches, an 8-layer Llama-like decoder) on GridDigits-VQA, following LLaVA's recipe: the vision tower is
-pre-trained first (here: classifying each patch of the training images as a digit or background, since
-no CLIP may be downloaded), then projector + LLM learn the questions with the tower frozen. It then
+pre-trained first (here, since no CLIP may be downloaded: classifying each patch of freshly drawn
+training grids as a digit or background, and naming its row and column, so that its features carry where
+a patch is as CLIP's do), then projector + LLM learn the questions with the tower frozen, one conversation
+per image. It then
 evaluates side by side at ~67 % and ~89 % visual-token reduction (the paper's 192 and 64 of 576, scaled
 to N):
 
@@ -36,7 +38,7 @@ from duet_export.data.griddigits import GridSpec, build_griddigits
 from duet_export.data.records import read_llava_json, read_questions
 from duet_export.evaluation import evaluate
 from duet_export.inputs import prepare_inputs
-from duet_export.loading import load, load_image, load_visual
+from duet_export.loading import load, load_visual
 from duet_export.prompts import image_pixels
 from duet_export.stages.budget import report, resolve_budget
 from duet_export.tiny import TinyLlavaSpec, build_tiny_llava, build_tiny_video_llava
@@ -65,6 +67,7 @@ MODEL = TinyLlavaSpec(
 # images) but not where (reading a row: 15 %), since the visual tokens reach it in one raster sequence.
 DATA = dict(rows=4, cols=4, cell=32, digit=8, align=8)
 REDUCTIONS = (2 / 3, 8 / 9)  # the paper's 192/576 and 64/576
+VISION_AUGMENTED_COPIES = 20  # distorted copies of each training scan for the tower's pre-training
 
 # Video: 4 frames of 2x2 cells (64 px, 64 patches each), the same tower and decoder sizes.
 VIDEO_FRAMES = 4
@@ -73,48 +76,84 @@ VIDEO_DATA = dict(rows=2, cols=2, cell=32, digit=8, align=8, frames=VIDEO_FRAMES
 VIDEO_REDUCTIONS = (1 - 960 / 2048, 1 - 136 / 2048)  # the paper's Video-LLaVA settings
 
 
-def pretrain_vision(model_dir: Path, data: Path, steps: int, batch: int, seed: int) -> float:
+def pretrain_vision(
+    model_dir: Path,
+    data: Path,
+    steps: int,
+    batch: int,
+    seed: int,
+    augment: bool = True,
+    positions: bool = True,
+) -> float:
     """Stage 0 of the LLaVA recipe, done here instead of downloading CLIP: teach the vision tower to tell
-    the digits apart, by classifying every patch (digit 0-9 or background) from the feature layer's output,
-    on the training images only (their layout says where each digit is). Returns the last batch accuracy.
+    the digits apart, by classifying every patch (digit 0-9 or background) from the feature layer's output.
+    Each batch is freshly drawn grids of the training split's scans, each scan randomly distorted
+    (`augment_scans`): on the ~900 scans as they are the tower memorised them (a linear probe of its
+    features read unseen digits 95 % right, below the 96.6 % of logistic regression on raw pixels).
+    Returns the last batch's digit-patch accuracy.
     """
-    import random
+    import numpy as np
+
+    from duet_export.data.griddigits import augment_scans, digit_scans, render_grid
 
     loaded = load(model_dir)
     adapter, tower = loaded.adapter, loaded.adapter.tower
     patch, grid = adapter.patch_size, adapter.image_size // adapter.patch_size
-    head = torch.nn.Linear(tower.config.hidden_size, 11)
-    rows = [json.loads(line) for line in (data / "train_layout.jsonl").read_text().splitlines() if line]
-    params = [*tower.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    rng = random.Random(seed)
+    spec = replace(GridSpec(**json.loads((data / "spec.json").read_text())["spec"]), frames=1)
+    rng = np.random.default_rng(seed)
+    scans, labels = digit_scans(spec, "train")
+    if augment:
+        scans = np.concatenate([scans] + [augment_scans(scans, rng) for _ in range(VISION_AUGMENTED_COPIES)])
+        labels = np.tile(labels, VISION_AUGMENTED_COPIES + 1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the Trainer picks the GPU too
+    tower.to(device)
+    head = torch.nn.Linear(tower.config.hidden_size, 11).to(device)
+    where = torch.nn.Linear(tower.config.hidden_size, 2 * grid).to(device)  # each patch's row and column
+    params = [*tower.parameters(), *head.parameters(), *(where.parameters() if positions else ())]
+    patch_rows = (torch.arange(grid * grid, device=device) // grid).repeat(batch)
+    patch_cols = (torch.arange(grid * grid, device=device) % grid).repeat(batch)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    # most patches are background: weigh them down, or the digits are learnt last
+    weight = torch.tensor([1.0] * 10 + [0.1], device=device)
     tower.train()
     accuracy = 0.0
+    shape = (spec.rows, spec.cols)
     for step in range(steps):
-        chunk = rng.sample(rows, batch)
-        images = [load_image(data / r["image"]) for r in chunk]
-        pixels = torch.from_numpy(image_pixels(loaded.processor.image_processor, images))
+        images = []
         target = torch.full((batch, grid * grid), 10, dtype=torch.long)
-        for i, r in enumerate(chunk):
-            for y, x, size, label in r["digits"]:
+        for i in range(batch):
+            picks = np.where(rng.random(shape) < spec.empty, -1, rng.integers(len(scans), size=shape))
+            image, boxes = render_grid(spec, scans, picks, rng, labels[np.maximum(picks, 0)])
+            images.append(image)
+            for y, x, size, label in boxes:
                 for py in range(y // patch, (y + size - 1) // patch + 1):
                     for px in range(x // patch, (x + size - 1) // patch + 1):
                         target[i, py * grid + px] = label
+        pixels = torch.from_numpy(image_pixels(loaded.processor.image_processor, images)).to(device)
+        target = target.to(device)
         hidden = tower(pixels, output_hidden_states=True).hidden_states[adapter.feature_layer_index + 1][
             :, 1:
         ]
         logits = head(hidden)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), target.reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), target.reshape(-1), weight=weight)
+        if positions:
+            place = where(hidden).reshape(-1, 2 * grid)
+            loss = loss + 0.5 * (
+                torch.nn.functional.cross_entropy(place[:, :grid], patch_rows)
+                + torch.nn.functional.cross_entropy(place[:, grid:], patch_cols)
+            )
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         digits = target != 10
         accuracy = float((logits.argmax(-1)[digits] == target[digits]).float().mean())
         if step % max(1, steps // 5) == 0 or step == steps - 1:
             print(
                 f"vision pre-training step {step + 1}/{steps}: loss {loss.item():.3f}, digit-patch accuracy {accuracy:.3f}"
             )
-    tower.eval()
+    tower.eval().to("cpu")
     loaded.model.save_pretrained(model_dir)
     return accuracy
 
@@ -177,11 +216,11 @@ def main() -> None:
     ap.add_argument(
         "--video", action="store_true", help="clips and a tiny Video-LLaVA, at the video reductions"
     )
-    ap.add_argument("--steps", type=int, default=5000, help="training steps of the full model")
+    ap.add_argument("--steps", type=int, default=3500, help="training steps of the full model")
     ap.add_argument("--finetune-steps", type=int, default=600, help="steps of training with compression")
-    ap.add_argument("--vision-steps", type=int, default=300, help="steps of vision-tower pre-training")
+    ap.add_argument("--vision-steps", type=int, default=1000, help="steps of vision-tower pre-training")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--train-images", type=int, default=6000)
+    ap.add_argument("--train-images", type=int, default=12000)
     ap.add_argument("--test-images", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     recipe = ap.add_argument_group("recipe search (the defaults make the published table)")
@@ -192,6 +231,14 @@ def main() -> None:
     recipe.add_argument("--text-layers", type=int, help="decoder layers (default: the model spec's)")
     recipe.add_argument(
         "--jitter", action="store_true", help="digits anywhere on the patch grid of their cells (harder)"
+    )
+    recipe.add_argument(
+        "--single-turn",
+        action="store_true",
+        help="a training record per question, not a conversation per image",
+    )
+    recipe.add_argument(
+        "--no-augment", action="store_true", help="training digits exactly as scanned (no random distortion)"
     )
     recipe.add_argument("--only-full", action="store_true", help="train and evaluate the full model only")
     args = ap.parse_args()
@@ -218,11 +265,16 @@ def main() -> None:
             test_images=args.test_images,
             seed=args.seed,
             jitter=args.jitter,
+            conversations=not args.single_turn,
+            augment=not args.no_augment,
         )
         build_griddigits(data, spec)
     examples = read_llava_json(data / "train.json")
     questions = read_questions(data / "test.jsonl")
-    print(f"GridDigits-VQA: {len(examples)} training questions, {len(questions)} test questions")
+    turns = sum(len(e.turns) for e in examples)
+    print(
+        f"GridDigits-VQA: {len(examples)} training records ({turns} questions), {len(questions)} test questions"
+    )
 
     base = out / "base"
     if not (base / "config.json").is_file():
@@ -230,7 +282,7 @@ def main() -> None:
             build_tiny_video_llava(base, model_spec, frames=VIDEO_FRAMES)
         else:
             build_tiny_llava(base, model_spec)
-        pretrain_vision(base, data, args.vision_steps, 32, args.seed)
+        pretrain_vision(base, data, args.vision_steps, 32, args.seed, augment=not args.no_augment)
         balance_init(base, data)
     full_dir = out / "full"
     settings = TrainSettings(

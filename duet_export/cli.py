@@ -350,27 +350,33 @@ def data_group() -> None:
     "--frames", type=int, default=1, show_default=True, help="More than 1: clips of this many grids (video)."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-def griddigits_cmd(out_dir, train_images, test_images, rows, cols, frames, seed) -> None:
+@click.option(
+    "--single-turn",
+    is_flag=True,
+    help="One training record per question (default: a conversation per image).",
+)
+def griddigits_cmd(out_dir, train_images, test_images, rows, cols, frames, seed, single_turn) -> None:
     """GridDigits-VQA from scikit-learn's handwritten digits: train.json (LLaVA format) + test.jsonl."""
     from duet_export.data.griddigits import GridSpec, build_griddigits
 
     if min(train_images, test_images, rows, cols, frames) < 1:
         raise DuetError("image counts, rows, cols and frames must be at least 1")
     spec = GridSpec(
-        rows=rows, cols=cols, frames=frames, train_images=train_images, test_images=test_images, seed=seed
-    )
+        rows=rows, cols=cols, frames=frames, train_images=train_images, test_images=test_images, seed=seed,
+        conversations=not single_turn,
+    )  # fmt: skip
     build_griddigits(out_dir, spec, echo=click.echo)
     what = f"clips of {frames} frames of" if frames > 1 else "images of"
     click.echo(f"written to {out_dir} ({what} {spec.size[0]}x{spec.size[1]} px)")
 
 
-def _training_data(data: str, image_folder: str | None):
+def _training_data(data: str, image_folder: str | None, split_turns: bool = False):
     from duet_export.data.records import read_llava_json
 
     path = Path(data)
     if path.is_dir():
         path = path / "train.json"
-    return read_llava_json(path, image_folder)
+    return read_llava_json(path, image_folder, split_turns=split_turns)
 
 
 @cli.command("train")
@@ -380,6 +386,11 @@ def _training_data(data: str, image_folder: str | None):
 @budget_options
 @click.option("--no-compress", is_flag=True, help="Train without compression (the baseline).")
 @click.option("--image-folder", type=click.Path(file_okay=False), help="Images (default: beside DATA).")
+@click.option(
+    "--split-turns",
+    is_flag=True,
+    help="Train each question/answer turn as its own example (default: a conversation is one sequence).",
+)
 @click.option("--steps", type=int, default=1000, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--lr", type=float, default=2e-4, show_default=True)
@@ -396,13 +407,13 @@ def _training_data(data: str, image_folder: str | None):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
 def train_cmd(
-    model_dir, data, output, no_compress, image_folder, steps, batch_size, lr, warmup, grad_accum, parts,
-    save_steps, seed, resume, **opts,
+    model_dir, data, output, no_compress, image_folder, split_turns, steps, batch_size, lr, warmup, grad_accum,
+    parts, save_steps, seed, resume, **opts,
 ) -> None:  # fmt: skip
     """Fine-tune MODEL_DIR on LLaVA-format DATA with DUET in the forward pass (HF Trainer)."""
     from duet_export.training import TrainSettings, parse_parts, train
 
-    examples = _training_data(data, image_folder)
+    examples = _training_data(data, image_folder, split_turns)
     loaded = _load(model_dir)
     config = config_or_baseline(loaded.adapter, no_compress, **opts)
     chosen = parse_parts(parts)

@@ -16,7 +16,7 @@ from PIL import Image
 from duet_export.errors import DuetError
 from duet_export.stages.salient import salient_spans, token_mask_from_spans
 
-__all__ = ["EncodedPrompts", "encode_prompts", "image_pixels", "render_prompt"]
+__all__ = ["EncodedPrompts", "encode_follow_up", "encode_prompts", "image_pixels", "render_prompt"]
 
 
 MEDIA = ("image", "video")
@@ -57,6 +57,50 @@ def render_prompt(
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     start = text.rfind(prompt)
     return text, (start if start >= 0 else None)
+
+
+def _render_follow_up(
+    processor, history: Sequence[tuple[str, str]], question: str, media: str
+) -> tuple[str, int | None]:
+    """The text that the chat template puts after the last answer of `history` (the (question, answer) turns
+    so far, the first one with the image) for one more user turn, up to the generation prompt; and where
+    the question starts in it. The answer itself and the end-of-sequence token after it are not part of it:
+    the caller writes those as answer tokens."""
+    if not getattr(processor, "chat_template", None):
+        raise DuetError(
+            "a conversation of several turns needs the checkpoint's chat template (or split its turns)"
+        )
+    messages = []
+    for i, (q, a) in enumerate(history):
+        content = [*([{"type": media}] if i == 0 else []), {"type": "text", "text": q}]
+        messages += [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": a}]},
+        ]
+    before = processor.apply_chat_template(messages, tokenize=False)
+    turn = {"role": "user", "content": [{"type": "text", "text": question}]}
+    after = processor.apply_chat_template([*messages, turn], add_generation_prompt=True, tokenize=False)
+    answer_at = before.rfind(history[-1][1])
+    if not after.startswith(before) or answer_at < 0:
+        raise DuetError("the chat template does not render a conversation turn by turn: split its turns")
+    tail = before[answer_at + len(history[-1][1]) :]  # e.g. " </s>" (LLaVA) or "<|im_end|>\n" (Qwen)
+    eos = processor.tokenizer.eos_token
+    if eos and eos in tail:
+        tail = tail[tail.index(eos) + len(eos) :]
+    text = tail + after[len(before) :]
+    start = text.rfind(question)
+    return text, (start if start >= 0 else None)
+
+
+def encode_follow_up(
+    processor, history: Sequence[tuple[str, str]], question: str, media: str = "image"
+) -> tuple[list[int], list[bool]]:
+    """Token ids of one more user turn after `history` (see `_render_follow_up`) and its salient-query mask:
+    a conversation is the first turn's prompt (`encode_prompts`), then answer, follow-up, answer, ..."""
+    text, start = _render_follow_up(processor, history, question, media)
+    tok = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [] if start is None else [(a + start, b + start) for a, b in salient_spans(question)]
+    return list(tok["input_ids"]), token_mask_from_spans(tok["offset_mapping"], spans)
 
 
 def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:

@@ -27,6 +27,7 @@ from duet_export.errors import DuetError
 from duet_export.forward import IGNORE_INDEX
 from duet_export.inputs import encode_prompts, placeholders_per_image
 from duet_export.loading import LoadedModel, load_visual
+from duet_export.prompts import encode_follow_up
 
 __all__ = ["PARTS", "TrainResult", "TrainSettings", "VQACollator", "parse_parts", "train"]
 
@@ -71,7 +72,8 @@ class TrainResult:
 
 
 class VQACollator:
-    """(image, question, answer) examples -> a left-padded batch with labels on the answer tokens only."""
+    """Examples (an image and one or more question/answer turns) -> a left-padded batch with labels on the
+    answer tokens only and the salient-query mask on every question."""
 
     def __init__(self, loaded: LoadedModel, config: DuetConfig | None) -> None:
         self.processor = loaded.processor
@@ -94,12 +96,22 @@ class VQACollator:
                 self.processor, self.image_token_id, [image], [ex.question], self.tokens_per_image,
                 media=self.adapter.media, frames=self.adapter.frames,
             )  # fmt: skip
-            prompt = enc.input_ids[0].tolist()
-            query = enc.query_mask[0].tolist() if enc.query_mask is not None else [False] * len(prompt)
-            answer = self._answer_ids(ex.answer)
-            rows.append(
-                (prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, query + [False] * len(answer))
-            )
+            ids = enc.input_ids[0].tolist()
+            query = enc.query_mask[0].tolist() if enc.query_mask is not None else [False] * len(ids)
+            labels = [IGNORE_INDEX] * len(ids)
+            for k, (question, answer) in enumerate(ex.turns):
+                if k:
+                    follow, follow_query = encode_follow_up(
+                        self.processor, ex.turns[:k], question, media=self.adapter.media
+                    )
+                    ids, labels, query = (
+                        ids + follow,
+                        labels + [IGNORE_INDEX] * len(follow),
+                        query + follow_query,
+                    )
+                answer_ids = self._answer_ids(answer)
+                ids, labels, query = ids + answer_ids, labels + answer_ids, query + [False] * len(answer_ids)
+            rows.append((ids, labels, query))
             pixels.append(enc.pixel_values)
         width = max(len(r[0]) for r in rows)
         b = len(rows)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
+import torch
 import transformers
 from PIL import Image
 
+from duet_export.data.records import TrainingExample
 from duet_export.export.bundle import ExportOptions, export_bundle
+from duet_export.forward import IGNORE_INDEX
 from duet_export.loading import load
 from duet_export.stages.budget import resolve_budget
 from duet_export.tiny import TinyLlavaSpec, build_tiny_llava
+from duet_export.training import VQACollator
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -68,7 +74,6 @@ def bundles(tiny_dir, tmp_path_factory):
 
 def reference_generate(loaded, inputs, new_tokens: int):
     """Greedy PyTorch `generate()` -> (new token ids [B, n] as numpy, per-step logits as numpy)."""
-    import torch
 
     with torch.no_grad():
         out = loaded.model.generate(
@@ -81,3 +86,39 @@ def reference_generate(loaded, inputs, new_tokens: int):
         )
     ids = out.sequences[:, inputs["input_ids"].shape[1] :].numpy()
     return ids, [x.numpy() for x in out.logits]
+
+
+def _collate_conversation(loaded, conversation):
+    """Collate one conversation and, for comparison, its first turn alone."""
+    whole = VQACollator(loaded, None)([conversation])
+    first = VQACollator(loaded, None)(
+        [TrainingExample(conversation.id, conversation.image, *conversation.turns[0])]
+    )
+    return whole, first
+
+
+def check_conversation_batch(loaded, conversation) -> str:
+    """Labels on exactly every answer and its end token, the salient-query mask on every question and never
+    on an answer, the image once: the first turn's tokens are those of training it alone. Returns the text."""
+    whole, first = _collate_conversation(loaded, conversation)
+    ids, labels, query = whole["input_ids"][0], whole["labels"][0], whole["duet_query_mask"][0]
+    tok = loaded.tokenizer
+    expected = [
+        i
+        for _, a in conversation.turns
+        for i in [*tok(a, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    ]
+    assert ids[labels != IGNORE_INDEX].tolist() == expected
+    assert not (query & (labels != IGNORE_INDEX)).any()
+    answer_starts = [
+        i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX
+    ]
+    assert len(answer_starts) == len(conversation.turns)
+    # every question has salient tokens between the previous answer and its own
+    bounds = [0, *answer_starts]
+    assert all(query[a:b].any() for a, b in itertools.pairwise(bounds))
+    image_id = loaded.adapter.image_token_id
+    assert int((ids == image_id).sum()) == int((first["input_ids"] == image_id).sum())
+    prompt = first["input_ids"][0][first["attention_mask"][0] == 1]
+    assert ids[whole["attention_mask"][0] == 1][: len(prompt)].tolist() == prompt.tolist()
+    return tok.decode(ids[whole["attention_mask"][0] == 1].tolist())

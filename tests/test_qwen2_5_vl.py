@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from duet_export import DuetConfig, GenerationSettings, compress, prepare_inputs
+from duet_export.data.records import TrainingExample
 from duet_export.errors import DuetError
 from duet_export.export.bundle import ExportOptions, export_bundle
 from duet_export.forward import DuetTrace
@@ -17,7 +18,7 @@ from duet_export.runtimes import OnnxVLM
 from duet_export.stages.budget import resolve_budget
 from duet_export.tiny import TinyQwenSpec, build_tiny_qwen2_5_vl
 
-from conftest import NEW_TOKENS, PROMPTS, random_image, reference_generate
+from conftest import NEW_TOKENS, PROMPTS, check_conversation_batch, random_image, reference_generate
 
 N = 64  # 224 x 224 px: 16 x 16 patches of 14, 8 x 8 merged tokens
 
@@ -315,3 +316,23 @@ def test_inspect_names_patches_without_cls_and_draws_the_grid(qwen_dir, tmp_path
             kind = "context" if s1["kept"][index] in anchors else "patch"
             assert name == f"{kind}:{s1['kept'][index]}"
     assert (tmp_path / "kept.png").stat().st_size > 1000
+
+
+def test_a_conversation_trains_as_one_sequence(qwen_dir, tmp_path):
+    """Qwen's template ends an answer with "<|im_end|>\n": the follow-up turn starts with that newline."""
+    path = tmp_path / "image.png"
+    random_image(3).save(path)
+    conversation = TrainingExample(
+        "c",
+        path,
+        "What digit is in row 1, column 2?",
+        "7",
+        follow_ups=(("Is there a 3 in the image?", "no"),),
+    )
+    loaded = load(qwen_dir)
+    text = check_conversation_batch(loaded, conversation)
+    # (the tiny word-level tokenizer decodes with a space between tokens)
+    assert (
+        "7 <|im_end|> \n <|im_start|> user \n is there a 3 in the image ? <|im_end|> \n <|im_start|> assistant \n no"
+        in text
+    )

@@ -18,7 +18,7 @@ from duet_export.loading import load
 from duet_export.runtimes import OnnxVLM
 from duet_export.training import TrainSettings, train
 
-from conftest import bundle_config
+from conftest import bundle_config, check_conversation_batch
 
 SPEC = GridSpec(rows=2, cols=2, cell=32, digit=24, train_images=12, test_images=4, seed=3)
 
@@ -49,8 +49,8 @@ def test_griddigits_is_deterministic_and_splits_are_disjoint(grid, tmp_path):
     assert set(presence) <= {"yes", "no"}
     layout = [json.loads(line) for line in (grid / "train_layout.jsonl").read_text().splitlines()]
     assert len(layout) == SPEC.train_images and all(len(box) == 4 for r in layout for box in r["digits"])
-    examples = read_llava_json(grid / "train.json")
-    assert len(examples) == 6 * SPEC.train_images and all(e.image.is_file() for e in examples)
+    examples = read_llava_json(grid / "train.json", split_turns=True)
+    assert len(examples) == 7 * SPEC.train_images and all(e.image.is_file() for e in examples)
     echoes = [e for e in examples if e.question.startswith("Answer with ")]
     assert len(echoes) == SPEC.train_images
     for e in echoes:  # the answer is the question's own numbers
@@ -59,6 +59,31 @@ def test_griddigits_is_deterministic_and_splits_are_disjoint(grid, tmp_path):
     reads = [e for e in examples if e.question.startswith("Read row ")]
     assert len(reads) == SPEC.train_images and all(len(e.answer.split()) == SPEC.cols for e in reads)
     assert sum(e.question == "Which digits are in the image?" for e in examples) == SPEC.train_images
+    # Ten counts per image, digit 0 first: they add up to the image's digits, and agree with its digit list.
+    for e in examples:
+        if e.question == "How many cells show each digit?":
+            tally = [int(x) for x in e.answer.split()]
+            listed = next(x for x in examples if x.image == e.image and x.question.startswith("Which digits"))
+            assert len(tally) == 10 and [d for d in range(10) if tally[d]] == [
+                int(x) for x in listed.answer.split()
+            ]
+
+
+def test_griddigits_conversations_do_not_give_answers_away(grid):
+    """One conversation per image: region, presence and count first (in random order), then the dense
+    answers; the presence digit is never the region answer, the count digit never the presence digit."""
+    conversations = read_llava_json(grid / "train.json")
+    assert len(conversations) == SPEC.train_images and all(len(c.turns) == 7 for c in conversations)
+    firsts = set()
+    for c in conversations:
+        kinds = {"What digit is in ": "region", "Is there a ": "presence", "How many cells show a ": "count"}
+        asked = {kind: t for t in c.turns[:3] for start, kind in kinds.items() if t[0].startswith(start)}
+        assert sorted(asked) == ["count", "presence", "region"]
+        presence_digit = int(asked["presence"][0].split()[3])
+        assert presence_digit != int(asked["region"][1])
+        assert int(asked["count"][0].split()[-1].rstrip("?")) != presence_digit
+        firsts.add(c.turns[0][0].split()[0])
+    assert len(firsts) > 1  # every kind must also be learnt right after the image
 
 
 def test_griddigits_clips(tmp_path):
@@ -73,8 +98,10 @@ def test_griddigits_clips(tmp_path):
     )
     region = next(q for q in questions if q.kind == "region")
     assert region.text.startswith("What digit is in frame ")
-    examples = read_llava_json(tmp_path / "clips" / "train.json")
+    examples = read_llava_json(tmp_path / "clips" / "train.json", split_turns=True)
     assert sum(e.question.startswith("Read frame ") for e in examples) == 4
+    tallies = [e for e in examples if e.question == "How many frames show each digit?"]
+    assert len(tallies) == 4 and all(0 <= int(x) <= 3 for e in tallies for x in e.answer.split())
     layout = (tmp_path / "clips" / "train_layout.jsonl").read_text().splitlines()
     assert len(layout) == 4 * 3  # one line per frame image
 
@@ -88,6 +115,17 @@ def test_griddigits_without_jitter_puts_every_digit_at_its_cells_middle_spot(tmp
         for box in json.loads(line)["digits"]
     ]
     assert boxes and {(y % 32, x % 32) for y, x, _size, _label in boxes} == {(8, 8)}
+
+
+def test_a_conversation_trains_as_one_sequence(tiny, grid):
+    conversation = read_llava_json(grid / "train.json")[0]
+
+    def letters(text):  # the word-level tokenizer decodes "row 1, column 2" as "row 1 , column 2"
+        return "".join(ch for ch in text.lower() if ch.isalnum())
+
+    text = letters(check_conversation_batch(tiny, conversation))
+    positions = [text.find(letters(q)) for q, _ in conversation.turns]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions)
 
 
 def _weights(path):
@@ -169,9 +207,11 @@ def test_normalize_answer():
 def test_train_and_eval_cli(tiny_dir, grid, tmp_path):
     out = tmp_path / "ckpt"
     result = run(
-        "train", tiny_dir, grid, "-o", out, "--budget", 21, "--steps", 2, "--batch-size", 2, "--save-steps", 1
-    )
+        "train", tiny_dir, grid, "-o", out, "--budget", 21, "--steps", 2, "--batch-size", 2, "--save-steps", 1,
+        "--split-turns",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert f"on {7 * SPEC.train_images} examples" in result.output  # a conversation per image, split: 7 each
     assert (out / "model.safetensors").is_file() and (out / "checkpoints" / "checkpoint-2").is_dir()
     answers = tmp_path / "answers.jsonl"
     result = run("eval", out, grid / "test.jsonl", "--budget", 21, "--answers", answers, "--json")

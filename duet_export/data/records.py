@@ -1,9 +1,11 @@
 """Read training data (LLaVA instruction JSON + image folder) and evaluation questions (JSONL).
 
 Every malformed record is a one-line `DuetError` that names the file and the record; so is a missing image.
-Only single-turn records are used for training (one human turn with `<image>`, one gpt answer); longer
-conversations are split into (question, answer) pairs that each see the image. Video records (Video-LLaVA's
-format) name a `video` instead (a video file or a folder of frames) and hold `<video>`.
+A conversation trains as one sequence, as in LLaVA: the image once, then every human turn and its gpt
+answer, with the loss on all answers. That gives many answers per pass over the image's tokens, the costly
+part. `split_turns=True` instead makes each (question, answer) pair its own example that sees the image
+alone. Video records (Video-LLaVA's format) name a `video` instead (a video file or a folder of frames)
+and hold `<video>`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ class TrainingExample:
     image: Path  # an image, or a video file / folder of frames
     question: str  # without the <image> / <video> placeholder: the chat template adds it
     answer: str
+    follow_ups: tuple[tuple[str, str], ...] = ()  # the conversation's later (question, answer) turns
+
+    @property
+    def turns(self) -> tuple[tuple[str, str], ...]:
+        return ((self.question, self.answer), *self.follow_ups)
 
 
 @dataclass(frozen=True)
@@ -57,9 +64,10 @@ def _strip_placeholders(text: str) -> str:
 
 
 def read_llava_json(
-    path: str | os.PathLike, image_folder: str | os.PathLike | None = None
+    path: str | os.PathLike, image_folder: str | os.PathLike | None = None, split_turns: bool = False
 ) -> list[TrainingExample]:
-    """LLaVA instruction JSON -> examples; images resolve against `image_folder` (default: the JSON's folder)."""
+    """LLaVA instruction JSON -> one example per conversation (`split_turns`: per turn); images resolve
+    against `image_folder` (default: the JSON's folder)."""
     path = Path(path)
     root = Path(image_folder) if image_folder else path.parent
     try:
@@ -79,6 +87,7 @@ def read_llava_json(
         turns = rec["conversations"]
         if len(turns) < 2 or len(turns) % 2:
             raise DuetError(f"{where}: conversations must alternate human/gpt turns")
+        pairs = []
         for t in range(0, len(turns), 2):
             human, gpt = turns[t], turns[t + 1]
             if not (isinstance(human, dict) and isinstance(gpt, dict)):
@@ -90,8 +99,12 @@ def read_llava_json(
                 raise DuetError(f"{where}: turn {t} needs string 'value's and a non-empty answer")
             if t == 0 and not any(token in q for token in PLACEHOLDERS):
                 raise DuetError(f"{where}: the first human turn must hold {IMAGE_PLACEHOLDER} (or <video>)")
-            question = _strip_placeholders(q)
-            out.append(TrainingExample(str(rec.get("id", i)), image, question, a.strip()))
+            pairs.append((_strip_placeholders(q), a.strip()))
+        rid = str(rec.get("id", i))
+        if split_turns:
+            out.extend(TrainingExample(rid, image, q, a) for q, a in pairs)
+        else:
+            out.append(TrainingExample(rid, image, *pairs[0], follow_ups=tuple(pairs[1:])))
     if not out:
         raise DuetError(f"{path}: no records")
     return out
