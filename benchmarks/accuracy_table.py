@@ -216,11 +216,11 @@ def main() -> None:
     ap.add_argument(
         "--video", action="store_true", help="clips and a tiny Video-LLaVA, at the video reductions"
     )
-    ap.add_argument("--steps", type=int, default=3500, help="training steps of the full model")
+    ap.add_argument("--steps", type=int, default=5000, help="training steps of the full model")
     ap.add_argument("--finetune-steps", type=int, default=600, help="steps of training with compression")
     ap.add_argument("--vision-steps", type=int, default=1000, help="steps of vision-tower pre-training")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--train-images", type=int, default=12000)
+    ap.add_argument("--train-images", type=int, default=6000)
     ap.add_argument("--test-images", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     recipe = ap.add_argument_group("recipe search (the defaults make the published table)")
@@ -233,12 +233,15 @@ def main() -> None:
         "--jitter", action="store_true", help="digits anywhere on the patch grid of their cells (harder)"
     )
     recipe.add_argument(
-        "--single-turn",
+        "--conversations",
         action="store_true",
-        help="a training record per question, not a conversation per image",
+        help="a conversation per training image, not a record per question",
     )
     recipe.add_argument(
-        "--no-augment", action="store_true", help="training digits exactly as scanned (no random distortion)"
+        "--augment-digits", action="store_true", help="training digits as random distortions of their scans"
+    )
+    recipe.add_argument(
+        "--no-tower-positions", action="store_true", help="pre-train the tower on digit labels only"
     )
     recipe.add_argument("--only-full", action="store_true", help="train and evaluate the full model only")
     args = ap.parse_args()
@@ -265,8 +268,8 @@ def main() -> None:
             test_images=args.test_images,
             seed=args.seed,
             jitter=args.jitter,
-            conversations=not args.single_turn,
-            augment=not args.no_augment,
+            conversations=args.conversations,
+            augment=args.augment_digits,
         )
         build_griddigits(data, spec)
     examples = read_llava_json(data / "train.json")
@@ -282,7 +285,7 @@ def main() -> None:
             build_tiny_video_llava(base, model_spec, frames=VIDEO_FRAMES)
         else:
             build_tiny_llava(base, model_spec)
-        pretrain_vision(base, data, args.vision_steps, 32, args.seed, augment=not args.no_augment)
+        pretrain_vision(base, data, args.vision_steps, 32, args.seed, positions=not args.no_tower_positions)
         balance_init(base, data)
     full_dir = out / "full"
     settings = TrainSettings(

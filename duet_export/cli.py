@@ -351,11 +351,14 @@ def data_group() -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
-    "--single-turn",
+    "--conversations",
     is_flag=True,
-    help="One training record per question (default: a conversation per image).",
+    help="A conversation per training image (default: a record per question).",
 )
-def griddigits_cmd(out_dir, train_images, test_images, rows, cols, frames, seed, single_turn) -> None:
+@click.option("--augment", is_flag=True, help="Training digits as random small distortions of their scans.")
+def griddigits_cmd(
+    out_dir, train_images, test_images, rows, cols, frames, seed, conversations, augment
+) -> None:
     """GridDigits-VQA from scikit-learn's handwritten digits: train.json (LLaVA format) + test.jsonl."""
     from duet_export.data.griddigits import GridSpec, build_griddigits
 
@@ -363,7 +366,7 @@ def griddigits_cmd(out_dir, train_images, test_images, rows, cols, frames, seed,
         raise DuetError("image counts, rows, cols and frames must be at least 1")
     spec = GridSpec(
         rows=rows, cols=cols, frames=frames, train_images=train_images, test_images=test_images, seed=seed,
-        conversations=not single_turn,
+        conversations=conversations, augment=augment,
     )  # fmt: skip
     build_griddigits(out_dir, spec, echo=click.echo)
     what = f"clips of {frames} frames of" if frames > 1 else "images of"

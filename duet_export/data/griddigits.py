@@ -13,12 +13,13 @@ in the clip?", "How many frames show a 3?".
 
 Training samples also get dense, question-dependent supervision, the part a captioning stage plays for real
 VLMs: "Read row 2." (or "Read frame 2.") answered with those cells in reading order ("4 - 7 0"), "Which
-digits are in the image?" answered with the sorted digits present, "How many cells show each digit?"
-answered with ten counts, digit 0 first (ten counting targets per image instead of one), and an echo
-("Answer with row 2, column 3." -> "2 3") that teaches carrying the question's numbers to the answer
-position, the first hop of every question. Without dense supervision a model trained from scratch sits at
-the answer priors; with a question-independent transcription instead ("Read the grid.") it learns to read
-but ignores the question. Test questions are the three kinds above.
+digits are in the image?" answered with the sorted digits present, and an echo ("Answer with row 2, column
+3." -> "2 3") that teaches carrying the question's numbers to the answer position, the first hop of every
+question. Without dense supervision a model trained from scratch sits at the answer priors; with a
+question-independent transcription instead ("Read the grid.") it learns to read but ignores the question;
+with a ten-count answer added ("How many cells show each digit?" -> "1 0 2 ...") it learnt that answer and
+the digit list within 3,500 steps but no longer learnt to find a cell (region questions 30 %, from 92 %).
+Test questions are the three kinds above.
 
 Train and test images draw their digits from disjoint halves of the scans, so the test measures reading
 digits never seen in training. Everything is seeded: the same arguments give the same files.
@@ -49,8 +50,8 @@ class GridSpec:
     align: int = 0  # >0: digits sit on a grid of this many pixels (e.g. the model's patch size)
     jitter: bool = True  # False: every digit at the same spot of its cell (mid-cell, on the align grid)
     transcribe: bool = True  # training samples also get the dense "Read row ..." / "Which digits ..." answers
-    conversations: bool = True  # a sample's training questions form one conversation (else a record each)
-    augment: bool = True  # training digits are random distortions of their scans (`augment_scans`)
+    conversations: bool = False  # a sample's training questions form one conversation (else a record each)
+    augment: bool = False  # training digits are random distortions of their scans (`augment_scans`)
     frames: int = 1  # >1: every sample is a clip of this many grids
     train_images: int = 3000
     test_images: int = 300
@@ -158,16 +159,6 @@ def _questions(
             r = int(rng.integers(spec.rows))
             out.append(("read", f"Read row {r + 1}.", _cells(labels[0, r])))
         out.append(("list", f"Which digits are in the {where}?", " ".join(map(str, present)) or "-"))
-        # Every digit's count in one answer: ten counting targets per image instead of one.
-        shown = (
-            (labels[..., None] == np.arange(10)).any(axis=(1, 2))
-            if clip
-            else labels[0, ..., None] == np.arange(10)
-        )
-        tally = shown.sum(axis=tuple(range(shown.ndim - 1)))
-        out.append(
-            ("tally", f"How many {'frames' if clip else 'cells'} show each digit?", " ".join(map(str, tally)))
-        )
         # Carry the question's numbers to the answer (no image needed): the first hop of every question,
         # which a model trained from scratch otherwise has to discover together with the second.
         if rng.random() < 0.5:
