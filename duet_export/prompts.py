@@ -68,7 +68,7 @@ def _render_follow_up(
     the caller writes those as answer tokens."""
     if not getattr(processor, "chat_template", None):
         raise DuetError(
-            "a conversation of several turns needs the checkpoint's chat template (or split its turns)"
+            "a conversation of several turns needs the checkpoint's chat template (or train with --split-turns)"
         )
     messages = []
     for i, (q, a) in enumerate(history):
@@ -82,7 +82,9 @@ def _render_follow_up(
     after = processor.apply_chat_template([*messages, turn], add_generation_prompt=True, tokenize=False)
     answer_at = before.rfind(history[-1][1])
     if not after.startswith(before) or answer_at < 0:
-        raise DuetError("the chat template does not render a conversation turn by turn: split its turns")
+        raise DuetError(
+            "the checkpoint's chat template does not render a conversation turn by turn: train with --split-turns"
+        )
     tail = before[answer_at + len(history[-1][1]) :]  # e.g. " </s>" (LLaVA) or "<|im_end|>\n" (Qwen)
     eos = processor.tokenizer.eos_token
     if eos and eos in tail:

@@ -13,9 +13,11 @@ from safetensors.torch import load_file
 from duet_export.cli import cli
 from duet_export.data.griddigits import GridSpec, build_griddigits
 from duet_export.data.records import read_llava_json, read_questions
+from duet_export.errors import DuetError
 from duet_export.evaluation import evaluate, normalize_answer
 from duet_export.export.bundle import ExportOptions, export_bundle
 from duet_export.loading import load
+from duet_export.prompts import encode_follow_up
 from duet_export.runtimes import OnnxVLM
 from duet_export.training import TrainSettings, train
 
@@ -124,6 +126,13 @@ def test_a_conversation_trains_as_one_sequence(tiny, conversation_grid):
     text = letters(check_conversation_batch(tiny, conversation))
     positions = [text.find(letters(q)) for q, _ in conversation.turns]
     assert all(p >= 0 for p in positions) and positions == sorted(positions)
+
+
+def test_a_conversation_without_a_chat_template_is_a_one_line_error(tiny, conversation_grid):
+    conversation = read_llava_json(conversation_grid / "train.json")[0]
+    tiny.processor.chat_template = None
+    with pytest.raises(DuetError, match="--split-turns"):
+        encode_follow_up(tiny.processor, conversation.turns[:1], conversation.turns[1][0])
 
 
 def _weights(path):
