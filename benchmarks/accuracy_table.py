@@ -75,6 +75,38 @@ VIDEO_DATA = dict(rows=2, cols=2, cell=32, digit=8, align=8, frames=VIDEO_FRAMES
 VIDEO_REDUCTIONS = (1 - 960 / 2048, 1 - 136 / 2048)  # the paper's Video-LLaVA settings
 
 
+def _patch_targets(box_lists: list[list], grid: int, patch: int) -> torch.Tensor:
+    """[images, grid * grid] patch labels for the tower's pre-training: the digit (0-9) of every patch a
+    digit box `[y, x, size, label]` touches, 10 (background) elsewhere."""
+    target = torch.full((len(box_lists), grid * grid), 10, dtype=torch.long)
+    for i, boxes in enumerate(box_lists):
+        for y, x, size, label in boxes:
+            for py in range(y // patch, (y + size - 1) // patch + 1):
+                for px in range(x // patch, (x + size - 1) // patch + 1):
+                    target[i, py * grid + px] = label
+    return target
+
+
+def _patch_features(adapter, pixels: torch.Tensor) -> torch.Tensor:
+    """The feature layer's output for every patch (CLS dropped): what the projector will see."""
+    return adapter.tower(pixels, output_hidden_states=True).hidden_states[adapter.feature_layer_index + 1][
+        :, 1:
+    ]
+
+
+def _log_vision_step(
+    step: int, steps: int, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor
+) -> float:
+    """Digit-patch accuracy of this batch, printed five times over the run; returned."""
+    digits = target != 10
+    accuracy = float((logits.argmax(-1)[digits] == target[digits]).float().mean())
+    if step % max(1, steps // 5) == 0 or step == steps - 1:
+        print(
+            f"vision pre-training step {step + 1}/{steps}: loss {loss.item():.3f}, digit-patch accuracy {accuracy:.3f}"
+        )
+    return accuracy
+
+
 def pretrain_vision(model_dir: Path, data: Path, steps: int, batch: int, seed: int) -> float:
     """Stage 0 of the LLaVA recipe, done here instead of downloading CLIP: teach the vision tower to tell
     the digits apart, by classifying every patch (digit 0-9 or background) from the feature layer's output,
@@ -96,26 +128,13 @@ def pretrain_vision(model_dir: Path, data: Path, steps: int, batch: int, seed: i
         chunk = rng.sample(rows, batch)
         images = [load_image(data / r["image"]) for r in chunk]
         pixels = torch.from_numpy(image_pixels(loaded.processor.image_processor, images))
-        target = torch.full((batch, grid * grid), 10, dtype=torch.long)
-        for i, r in enumerate(chunk):
-            for y, x, size, label in r["digits"]:
-                for py in range(y // patch, (y + size - 1) // patch + 1):
-                    for px in range(x // patch, (x + size - 1) // patch + 1):
-                        target[i, py * grid + px] = label
-        hidden = tower(pixels, output_hidden_states=True).hidden_states[adapter.feature_layer_index + 1][
-            :, 1:
-        ]
-        logits = head(hidden)
+        target = _patch_targets([r["digits"] for r in chunk], grid, patch)
+        logits = head(_patch_features(adapter, pixels))
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), target.reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        digits = target != 10
-        accuracy = float((logits.argmax(-1)[digits] == target[digits]).float().mean())
-        if step % max(1, steps // 5) == 0 or step == steps - 1:
-            print(
-                f"vision pre-training step {step + 1}/{steps}: loss {loss.item():.3f}, digit-patch accuracy {accuracy:.3f}"
-            )
+        accuracy = _log_vision_step(step, steps, loss, logits, target)
     tower.eval()
     loaded.model.save_pretrained(model_dir)
     return accuracy
@@ -127,7 +146,6 @@ def pretrain_vision_distorted(
     steps: int,
     batch: int,
     seed: int,
-    augment: bool = True,
     positions: bool = True,
 ) -> float:
     """Stage 0 of the LLaVA recipe, done here instead of downloading CLIP: teach the vision tower to tell
@@ -147,9 +165,8 @@ def pretrain_vision_distorted(
     spec = replace(GridSpec(**json.loads((data / "spec.json").read_text())["spec"]), frames=1)
     rng = np.random.default_rng(seed)
     scans, labels = digit_scans(spec, "train")
-    if augment:
-        scans = np.concatenate([scans] + [augment_scans(scans, rng) for _ in range(VISION_AUGMENTED_COPIES)])
-        labels = np.tile(labels, VISION_AUGMENTED_COPIES + 1)
+    scans = np.concatenate([scans] + [augment_scans(scans, rng) for _ in range(VISION_AUGMENTED_COPIES)])
+    labels = np.tile(labels, VISION_AUGMENTED_COPIES + 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the Trainer picks the GPU too
     tower.to(device)
     head = torch.nn.Linear(tower.config.hidden_size, 11).to(device)
@@ -165,21 +182,15 @@ def pretrain_vision_distorted(
     accuracy = 0.0
     shape = (spec.rows, spec.cols)
     for step in range(steps):
-        images = []
-        target = torch.full((batch, grid * grid), 10, dtype=torch.long)
-        for i in range(batch):
+        images, box_lists = [], []
+        for _ in range(batch):
             picks = np.where(rng.random(shape) < spec.empty, -1, rng.integers(len(scans), size=shape))
             image, boxes = render_grid(spec, scans, picks, rng, labels[np.maximum(picks, 0)])
             images.append(image)
-            for y, x, size, label in boxes:
-                for py in range(y // patch, (y + size - 1) // patch + 1):
-                    for px in range(x // patch, (x + size - 1) // patch + 1):
-                        target[i, py * grid + px] = label
+            box_lists.append(boxes)
         pixels = torch.from_numpy(image_pixels(loaded.processor.image_processor, images)).to(device)
-        target = target.to(device)
-        hidden = tower(pixels, output_hidden_states=True).hidden_states[adapter.feature_layer_index + 1][
-            :, 1:
-        ]
+        target = _patch_targets(box_lists, grid, patch).to(device)
+        hidden = _patch_features(adapter, pixels)
         logits = head(hidden)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), target.reshape(-1), weight=weight)
         if positions:
@@ -192,12 +203,7 @@ def pretrain_vision_distorted(
         loss.backward()
         opt.step()
         sched.step()
-        digits = target != 10
-        accuracy = float((logits.argmax(-1)[digits] == target[digits]).float().mean())
-        if step % max(1, steps // 5) == 0 or step == steps - 1:
-            print(
-                f"vision pre-training step {step + 1}/{steps}: loss {loss.item():.3f}, digit-patch accuracy {accuracy:.3f}"
-            )
+        accuracy = _log_vision_step(step, steps, loss, logits, target)
     tower.eval().to("cpu")
     loaded.model.save_pretrained(model_dir)
     return accuracy
