@@ -356,17 +356,24 @@ def data_group() -> None:
     help="A conversation per training image (default: a record per question).",
 )
 @click.option("--augment", is_flag=True, help="Training digits as random small distortions of their scans.")
+@click.option(
+    "--train-counts",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Count questions per training image; those after the first ask about digits it shows.",
+)
 def griddigits_cmd(
-    out_dir, train_images, test_images, rows, cols, frames, seed, conversations, augment
+    out_dir, train_images, test_images, rows, cols, frames, seed, conversations, augment, train_counts
 ) -> None:
     """GridDigits-VQA from scikit-learn's handwritten digits: train.json (LLaVA format) + test.jsonl."""
     from duet_export.data.griddigits import GridSpec, build_griddigits
 
-    if min(train_images, test_images, rows, cols, frames) < 1:
-        raise DuetError("image counts, rows, cols and frames must be at least 1")
+    if min(train_images, test_images, rows, cols, frames, train_counts) < 1:
+        raise DuetError("image counts, rows, cols, frames and --train-counts must be at least 1")
     spec = GridSpec(
         rows=rows, cols=cols, frames=frames, train_images=train_images, test_images=test_images, seed=seed,
-        conversations=conversations, augment=augment,
+        conversations=conversations, augment=augment, train_counts=train_counts,
     )  # fmt: skip
     build_griddigits(out_dir, spec, echo=click.echo)
     what = f"clips of {frames} frames of" if frames > 1 else "images of"

@@ -64,6 +64,27 @@ def test_griddigits_is_deterministic_and_splits_are_disjoint(grid, tmp_path):
     assert sum(e.question == "Which digits are in the image?" for e in examples) == SPEC.train_images
 
 
+def test_griddigits_extra_training_counts_ask_about_shown_digits(grid, tmp_path):
+    """`train_counts`: more count questions for training, each of a digit the image shows, answered with its
+    true count; the test split stays the same."""
+    build_griddigits(tmp_path / "counts", replace(SPEC, train_counts=3), echo=lambda m: None)
+    assert (tmp_path / "counts" / "test.jsonl").read_bytes() == (grid / "test.jsonl").read_bytes()
+    layout = [
+        json.loads(line) for line in (tmp_path / "counts" / "train_layout.jsonl").read_text().splitlines()
+    ]
+    labels = {r["image"]: [box[3] for box in r["digits"]] for r in layout}
+    examples = read_llava_json(tmp_path / "counts" / "train.json", split_turns=True)
+    counts = [e for e in examples if e.question.startswith("How many cells show a ")]
+    assert len(counts) > 2 * SPEC.train_images
+    for e in counts:
+        digit = int(e.question.split()[-1].rstrip("?"))
+        assert int(e.answer) == labels[f"images/{e.image.name}"].count(digit)
+    by_image: dict = {}
+    for e in counts:
+        by_image.setdefault(e.image.name, []).append(int(e.answer))
+    assert all(min(answers[1:]) >= 1 for answers in by_image.values() if len(answers) > 1)
+
+
 @pytest.fixture(scope="module")
 def conversation_grid(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "conversations"

@@ -52,6 +52,7 @@ class GridSpec:
     transcribe: bool = True  # training samples also get the dense "Read row ..." / "Which digits ..." answers
     conversations: bool = False  # a sample's training questions form one conversation (else a record each)
     augment: bool = False  # training digits are random distortions of their scans (`augment_scans`)
+    train_counts: int = 1  # count questions per training sample; after the first, of digits it shows
     frames: int = 1  # >1: every sample is a clip of this many grids
     train_images: int = 3000
     test_images: int = 300
@@ -137,11 +138,18 @@ def _cells(values: np.ndarray) -> str:
     return " ".join(str(x) if x >= 0 else "-" for x in values.ravel())
 
 
+def _count_question(spec: GridSpec, labels: np.ndarray, d: int) -> tuple[str, str, str]:
+    if spec.frames > 1:
+        return ("count", f"How many frames show a {d}?", str(int((labels == d).any(axis=(1, 2)).sum())))
+    return ("count", f"How many cells show a {d}?", str(int((labels == d).sum())))
+
+
 def _questions(
-    spec: GridSpec, labels: np.ndarray, rng: np.random.Generator, transcribe: bool, conversation: bool = False
+    spec: GridSpec, labels: np.ndarray, rng: np.random.Generator, train: bool, conversation: bool = False
 ) -> list[tuple[str, str, str]]:
     """(kind, question, answer) for one sample (`labels` is [frames, rows, cols], -1 = empty): one region,
-    one presence and one count question, and for training the dense answers (see the module docstring).
+    one presence and one count question, and for training the dense answers (see the module docstring) and
+    `spec.train_counts - 1` more count questions.
 
     `conversation`: the questions become one conversation, so no answer may give away a later one: the
     presence question avoids the region answer's digit and the count question the presence digit; the
@@ -151,7 +159,7 @@ def _questions(
     where = "clip" if clip else "image"
     present = sorted({int(x) for x in labels.ravel() if x >= 0})
     out = []
-    if transcribe:
+    if train and spec.transcribe:
         if clip:
             f = int(rng.integers(spec.frames))
             out.append(("read", f"Read frame {f + 1}.", _cells(labels[f])))
@@ -183,12 +191,18 @@ def _questions(
     want_yes = rng.random() < 0.5
     d = int(rng.choice(yes if (want_yes and yes) or not absent else absent))
     asked.append(("presence", f"Is there a {d} in the {where}?", "yes" if d in present else "no"))
+    told.add(d)
     d = int(rng.choice([x for x in range(10) if x != d])) if conversation else int(rng.integers(10))
-    if clip:
-        count = int((labels == d).any(axis=(1, 2)).sum())
-        asked.append(("count", f"How many frames show a {d}?", str(count)))
-    else:
-        asked.append(("count", f"How many cells show a {d}?", str(int((labels == d).sum()))))
+    asked.append(_count_question(spec, labels, d))
+    for _ in range(spec.train_counts - 1 if train else 0):
+        # more count questions for training, of digits the sample shows (a uniform digit is absent ~30 %
+        # of the time, which a presence answer already teaches); in a conversation none asked before
+        told.add(d)
+        shown = [x for x in present if x not in told] if conversation else present
+        if not shown:
+            break
+        d = int(rng.choice(shown))
+        asked.append(_count_question(spec, labels, d))
     if conversation:
         return [asked[i] for i in rng.permutation(len(asked))] + [out[i] for i in rng.permutation(len(out))]
     return out + asked
@@ -201,6 +215,8 @@ def build_griddigits(out_dir: str | os.PathLike, spec: GridSpec | None = None, e
     spec = spec or GridSpec()
     if spec.frames < 1:
         raise DuetError(f"frames must be at least 1, got {spec.frames}")
+    if spec.train_counts < 1:
+        raise DuetError(f"train_counts must be at least 1, got {spec.train_counts}")
     scans, targets = _scans()
     order = np.random.default_rng(spec.seed).permutation(len(scans))
     pools = {"train": order[: len(order) // 2], "test": order[len(order) // 2 :]}
@@ -231,13 +247,7 @@ def build_griddigits(out_dir: str | os.PathLike, spec: GridSpec | None = None, e
                     image.save(tmp / frame_name)
                     layout.append(json.dumps({"image": frame_name, "digits": boxes}))
                 train = split == "train"
-                asks = _questions(
-                    spec,
-                    labels,
-                    rng,
-                    transcribe=spec.transcribe and train,
-                    conversation=spec.conversations and train,
-                )
+                asks = _questions(spec, labels, rng, train, conversation=spec.conversations and train)
                 for k, (kind, q, a) in enumerate(asks):
                     kinds[kind] = kinds.get(kind, 0) + 1
                     records.append(
