@@ -67,6 +67,7 @@ MODEL = TinyLlavaSpec(
 DATA = dict(rows=4, cols=4, cell=32, digit=8, align=8)
 REDUCTIONS = (2 / 3, 8 / 9)  # the paper's 192/576 and 64/576
 VISION_AUGMENTED_COPIES = 20  # distorted copies of each training scan for the tower's pre-training
+TOWER_PRETRAINING = ("distorted", "distorted-positions", "scans")
 
 # Video: 4 frames of 2x2 cells (64 px, 64 patches each), the same tower and decoder sizes.
 VIDEO_FRAMES = 4
@@ -270,7 +271,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5000, help="training steps of the full model")
     ap.add_argument("--finetune-steps", type=int, default=600, help="steps of training with compression")
     ap.add_argument(
-        "--vision-steps", type=int, help="steps of vision-tower pre-training (300; 1000 distorted)"
+        "--vision-steps", type=int, help="steps of the tower's pre-training (1000; 300 with --tower scans)"
     )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--train-images", type=int, default=6000)
@@ -294,12 +295,17 @@ def main() -> None:
         "--augment-digits", action="store_true", help="training digits as random distortions of their scans"
     )
     recipe.add_argument(
-        "--distorted-tower",
-        action="store_true",
-        help="pre-train the tower on fresh grids of distorted scans, naming each patch's row and column too",
+        "--tower",
+        choices=TOWER_PRETRAINING,
+        default="distorted",
+        help="the tower's pre-training: digit labels of fresh grids of distorted training scans (distorted), "
+        "also each patch's row and column (distorted-positions), or of the training images (scans)",
     )
     recipe.add_argument(
-        "--no-tower-positions", action="store_true", help="with --distorted-tower: digit labels only"
+        "--train-counts",
+        type=int,
+        default=1,
+        help="count questions per training image (GridSpec.train_counts)",
     )
     recipe.add_argument("--only-full", action="store_true", help="train and evaluate the full model only")
     args = ap.parse_args()
@@ -328,6 +334,7 @@ def main() -> None:
             jitter=args.jitter,
             conversations=args.conversations,
             augment=args.augment_digits,
+            train_counts=args.train_counts,
         )
         build_griddigits(data, spec)
     examples = read_llava_json(data / "train.json")
@@ -343,11 +350,11 @@ def main() -> None:
             build_tiny_video_llava(base, model_spec, frames=VIDEO_FRAMES)
         else:
             build_tiny_llava(base, model_spec)
-        if args.distorted_tower:
-            steps = args.vision_steps or 1000
-            pretrain_vision_distorted(base, data, steps, 32, args.seed, positions=not args.no_tower_positions)
-        else:
+        if args.tower == "scans":
             pretrain_vision(base, data, args.vision_steps or 300, 32, args.seed)
+        else:
+            steps, positions = args.vision_steps or 1000, args.tower == "distorted-positions"
+            pretrain_vision_distorted(base, data, steps, 32, args.seed, positions=positions)
         balance_init(base, data)
     full_dir = out / "full"
     settings = TrainSettings(
