@@ -2,9 +2,10 @@
 
 Trains a small LLaVA-style model from scratch (CLIP-like tower on 128x128 images, patch 8 -> N = 256
 patches, an 8-layer Llama-like decoder) on GridDigits-VQA, following LLaVA's recipe: the vision tower is
-pre-trained first (here: classifying each patch of the training images as a digit or background, since
-no CLIP may be downloaded; `--distorted-tower` for fresh grids of distorted scans that also name each
-patch's row and column), then projector + LLM learn the questions with the tower frozen. It then
+pre-trained first (here, since no CLIP may be downloaded: classifying each patch of fresh grids of randomly
+distorted training scans as a digit or background; `--tower scans` for the training images themselves,
+`--tower distorted-positions` to also name each patch's row and column), then projector + LLM learn the
+questions with the tower frozen. It then
 evaluates side by side at ~67 % and ~89 % visual-token reduction (the paper's 192 and 64 of 576, scaled
 to N):
 
@@ -16,7 +17,7 @@ the forward pass. Writes table.md, accuracy.png and results.json to --out.
 `--video` runs the same recipe on clips (a tiny Video-LLaVA, 4 frames of 2x2 grids at 64 px, N = 4 x 64 =
 256 patches) at the paper's video reductions, ~53 % and ~93 % (960 and 136 of 2048).
 
-    .venv/bin/python benchmarks/accuracy_table.py --out results/accuracy          # ~45 min on 2 cores
+    .venv/bin/python benchmarks/accuracy_table.py --out results/accuracy          # ~46 min on 2 cores
     .venv/bin/python benchmarks/accuracy_table.py --out results/video --video
     .venv/bin/python benchmarks/accuracy_table.py --out /tmp/acc --quick          # smoke test, < 1 min
 """
