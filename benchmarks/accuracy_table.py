@@ -12,7 +12,8 @@ to N):
   full model | Stage 1 only | Stage 2 only | DUET inference-only | DUET trained with compression
 
 "DUET trained" continues the full model's training for `--finetune-steps` more steps with compression in
-the forward pass. Writes table.md, accuracy.png and results.json to --out.
+the forward pass. Writes table.md, accuracy.png, results.json and every setting's answers
+(answers/<setting>.jsonl, with the expected answers) to --out.
 
 `--video` runs the same recipe on clips (a tiny Video-LLaVA, 4 frames of 2x2 grids at 64 px, N = 4 x 64 =
 256 patches) at the paper's video reductions, ~53 % and ~93 % (960 and 136 of 2048), with the tower
@@ -36,7 +37,7 @@ import torch
 
 from duet_export.config import DuetConfig
 from duet_export.data.griddigits import GridSpec, build_griddigits
-from duet_export.data.records import read_llava_json, read_questions
+from duet_export.data.records import read_llava_json, read_questions, write_answers
 from duet_export.evaluation import evaluate
 from duet_export.inputs import prepare_inputs
 from duet_export.loading import load, load_image, load_visual
@@ -388,6 +389,9 @@ def main() -> None:
         if train_result is not None:
             row["median_step_seconds"] = train_result.median_step_seconds
         rows.append(row)
+        slug = "-".join(name.lower().replace("(", "").replace(")", "").split())
+        suffix = f"-{round(100 * target)}" if target else ""
+        write_answers(out / "answers" / f"{slug}{suffix}.jsonl", result.answers)
         print(f"{name:<28} {result.summary()}")
 
     run("full model", None, train_result=full_train, target=0.0)
