@@ -264,6 +264,27 @@ def stage2_only(geometry, budget: float) -> DuetConfig:
     return DuetConfig(drop_layers=(1,), keep_ratios=(round(ratio, 4),))
 
 
+def trained_full_model(out: Path, args: argparse.Namespace, model_spec: TinyLlavaSpec) -> float | None:
+    """The median training step (s) of the full model an earlier run left in `out` with the same arguments
+    and model (a `--only-full` run, say), so that this run evaluates it instead of training it again; None
+    when there is none."""
+    try:
+        earlier = json.loads((out / "results.json").read_text())
+        same = {k: v for k, v in earlier["args"].items() if k != "only_full"} == {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "only_full"
+        }
+        full = earlier["rows"][0]
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    if (
+        not same
+        or earlier["model"] != asdict(model_spec)
+        or not (out / "full" / "model.safetensors").is_file()
+    ):
+        return None
+    return full.get("median_step_seconds")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("results/accuracy"))
@@ -365,7 +386,11 @@ def main() -> None:
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         warmup_steps=min(100, args.steps // 10), train=parts, save_steps=10**9, seed=args.seed, log_steps=max(1, args.steps // 30),
     )  # fmt: skip
-    full_train = train(load(base), examples, full_dir, None, settings)
+    full_step = trained_full_model(out, args, model_spec)
+    if full_step is None:
+        full_step = train(load(base), examples, full_dir, None, settings).median_step_seconds
+    else:
+        print(f"reusing the full model in {full_dir} (trained by an earlier run with these arguments)")
     loaded = load(full_dir)
     geometry = loaded.adapter.geometry()
     n = geometry.total_patches
@@ -373,7 +398,7 @@ def main() -> None:
 
     rows = []
 
-    def run(name: str, config: DuetConfig | None, model=None, train_result=None, target=None):
+    def run(name: str, config: DuetConfig | None, model=None, step_seconds=None, target=None):
         result = evaluate(model or loaded, questions, config, batch_size=32)
         rep = report(config, geometry) if config is not None and config.enabled else None
         row = {
@@ -386,15 +411,15 @@ def main() -> None:
             "by_kind": result.by_kind,
             "eval_seconds": result.seconds,
         }
-        if train_result is not None:
-            row["median_step_seconds"] = train_result.median_step_seconds
+        if step_seconds is not None:
+            row["median_step_seconds"] = step_seconds
         rows.append(row)
         slug = "-".join(name.lower().replace("(", "").replace(")", "").split())
         suffix = f"-{round(100 * target)}" if target else ""
         write_answers(out / "answers" / f"{slug}{suffix}.jsonl", result.answers)
         print(f"{name:<28} {result.summary()}")
 
-    run("full model", None, train_result=full_train, target=0.0)
+    run("full model", None, step_seconds=full_step, target=0.0)
     for reduction in () if args.only_full else reductions:
         budget = n * (1 - reduction)
         duet = resolve_budget(budget, geometry, rules=loaded.adapter.rules)
@@ -409,7 +434,13 @@ def main() -> None:
             log_steps=max(1, args.finetune_steps // 10),
         )  # fmt: skip
         tuned_train = train(load(full_dir), examples, tuned_dir, duet, tune)
-        run("DUET trained", duet, model=load(tuned_dir), train_result=tuned_train, target=reduction)
+        run(
+            "DUET trained",
+            duet,
+            model=load(tuned_dir),
+            step_seconds=tuned_train.median_step_seconds,
+            target=reduction,
+        )
 
     summary = {
         "rows": rows,
@@ -421,7 +452,7 @@ def main() -> None:
         "total_minutes": (time.perf_counter() - started) / 60,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    table = markdown_table(rows, full_train.median_step_seconds, args.batch_size)
+    table = markdown_table(rows, full_step, args.batch_size)
     (out / "table.md").write_text(table)
     plot(rows, out / "accuracy.png")
     print(table)

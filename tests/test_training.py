@@ -313,16 +313,29 @@ def test_malformed_questions(tiny_dir, tmp_path, grid):
 @pytest.mark.parametrize("video", [False, True], ids=["images", "clips"])
 def test_accuracy_table_quick(tmp_path, video):
     """The table's whole pipeline on a few steps (`pytest -m slow`): data, vision pre-training, balanced
-    initialisation, training, the five settings at both reductions, table and plot; images and clips."""
+    initialisation, training, the five settings at both reductions, table, plot and answers; images and
+    clips. For images the full model comes from an earlier `--only-full` run, which the table reuses."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).parents[1] / "benchmarks" / "accuracy_table.py"
     args = [sys.executable, str(script), "--out", str(tmp_path), "--quick", *(["--video"] if video else [])]
+    if not video:
+        proc = subprocess.run([*args, "--only-full"], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        full_only = json.loads((tmp_path / "results.json").read_text())["rows"]
+        assert len(full_only) == 1
     proc = subprocess.run(args, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
     assert len(result["rows"]) == 9 and (tmp_path / "accuracy.png").is_file()
+    assert len(list((tmp_path / "answers").glob("*.jsonl"))) == 9
+    answers = (tmp_path / "answers" / "full-model.jsonl").read_text().splitlines()
+    assert len(answers) == 24 and all("expected" in json.loads(a) for a in answers)
+    if not video:
+        assert "reusing the full model" in proc.stdout
+        for key in ("accuracy", "by_kind", "median_step_seconds"):
+            assert result["rows"][0][key] == full_only[0][key]
     assert result["family"] == ("video-llava" if video else "llava")
     assert "DUET trained" in (tmp_path / "table.md").read_text()
