@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from duet_export.config import DuetConfig
-from duet_export.data.griddigits import GridSpec, build_griddigits
+from duet_export.data.griddigits import GridSpec, box_patches, build_griddigits
 from duet_export.data.records import read_llava_json, read_questions, write_answers
 from duet_export.evaluation import evaluate
 from duet_export.inputs import prepare_inputs
@@ -84,10 +84,8 @@ def _patch_targets(box_lists: list[list], grid: int, patch: int) -> torch.Tensor
     digit box `[y, x, size, label]` touches, 10 (background) elsewhere."""
     target = torch.full((len(box_lists), grid * grid), 10, dtype=torch.long)
     for i, boxes in enumerate(box_lists):
-        for y, x, size, label in boxes:
-            for py in range(y // patch, (y + size - 1) // patch + 1):
-                for px in range(x // patch, (x + size - 1) // patch + 1):
-                    target[i, py * grid + px] = label
+        for box in boxes:
+            target[i, box_patches(box, grid, patch)] = box[3]
     return target
 
 
@@ -308,6 +306,11 @@ def main() -> None:
     )
     recipe.add_argument("--text-layers", type=int, help="decoder layers (default: the model spec's)")
     recipe.add_argument(
+        "--feature-layer",
+        type=int,
+        help="the tower layer the projector reads (default -1, the last; LLaVA's -2 is the first of two here)",
+    )
+    recipe.add_argument(
         "--jitter", action="store_true", help="digits anywhere on the patch grid of their cells (harder)"
     )
     recipe.add_argument(
@@ -334,6 +337,9 @@ def main() -> None:
     recipe.add_argument("--only-full", action="store_true", help="train and evaluate the full model only")
     args = ap.parse_args()
     args.tower = args.tower or ("scans" if args.video else "distorted")
+    layers = MODEL.vision_layers  # the video model's too
+    if args.feature_layer is not None and not -layers - 1 <= args.feature_layer <= layers:
+        ap.error(f"--feature-layer: the tower has {layers} layers, got {args.feature_layer}")
     if args.quick:
         args.steps, args.finetune_steps, args.train_images, args.test_images = 30, 10, 60, 8
         args.vision_steps = 5
@@ -348,6 +354,12 @@ def main() -> None:
     )
     if args.text_layers:
         model_spec = replace(model_spec, text_layers=args.text_layers)
+    if args.feature_layer is not None:
+        if not -model_spec.vision_layers - 1 <= args.feature_layer <= model_spec.vision_layers:
+            ap.error(
+                f"--feature-layer: the tower has {model_spec.vision_layers} layers, got {args.feature_layer}"
+            )
+        model_spec = replace(model_spec, feature_layer=args.feature_layer)
     parts = parse_parts(args.train_parts)
     data = out / "data"
     if not (data / "spec.json").is_file():

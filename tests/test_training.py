@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from duet_export.cli import cli
-from duet_export.data.griddigits import GridSpec, build_griddigits
+from duet_export.data.griddigits import GridSpec, box_patches, build_griddigits
 from duet_export.data.records import read_llava_json, read_questions
 from duet_export.errors import DuetError
 from duet_export.evaluation import evaluate, normalize_answer
@@ -83,6 +83,14 @@ def test_griddigits_extra_training_counts_ask_about_shown_digits(grid, tmp_path)
     for e in counts:
         by_image.setdefault(e.image.name, []).append(int(e.answer))
     assert all(min(answers[1:]) >= 1 for answers in by_image.values() if len(answers) > 1)
+
+
+def test_box_patches():
+    """A layout box's patches in raster order: one patch when it sits on the patch grid, four when it
+    straddles a corner."""
+    assert box_patches([8, 40, 8, 3], grid=16, patch=8) == [1 * 16 + 5]
+    assert box_patches([4, 4, 8, 1], grid=16, patch=8) == [0, 1, 16, 17]
+    assert box_patches([0, 0, 24, 7], grid=4, patch=8) == [0, 1, 2, 4, 5, 6, 8, 9, 10]
 
 
 @pytest.fixture(scope="module")
@@ -335,6 +343,17 @@ def test_accuracy_table_quick(tmp_path, video):
     assert len(answers) == 24 and all("expected" in json.loads(a) for a in answers)
     if not video:
         assert "reusing the full model" in proc.stdout
+        probe = Path(__file__).parents[1] / "benchmarks" / "count_attention.py"
+        proc = subprocess.run(
+            [sys.executable, str(probe), str(tmp_path / "full"), str(tmp_path / "data")],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        layers = [line for line in proc.stdout.splitlines() if line.strip().startswith("layer ")]
+        assert layers and all(len(line.split(":")[1].split()) == 4 for line in layers)  # 4 heads
+        for line in layers:  # three shares of one head's attention over the visual tokens: at most 1
+            assert all(sum(map(float, head.split("/"))) <= 1.01 for head in line.split(":")[1].split())
         for key in ("accuracy", "by_kind", "median_step_seconds"):
             assert result["rows"][0][key] == full_only[0][key]
     assert result["family"] == ("video-llava" if video else "llava")

@@ -37,7 +37,7 @@ from PIL import Image
 from duet_export.atomic import atomic_dir
 from duet_export.errors import DuetError
 
-__all__ = ["GridSpec", "augment_scans", "build_griddigits", "digit_scans", "render_grid"]
+__all__ = ["GridSpec", "augment_scans", "box_patches", "build_griddigits", "digit_scans", "render_grid"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,17 @@ def render_grid(
             canvas[y : y + spec.digit, x : x + spec.digit] *= 1.0 - 0.85 * ink
             boxes.append([int(y), int(x), spec.digit, int(labels[r, c]) if labels is not None else -1])
     return Image.fromarray(canvas.astype(np.uint8)).convert("RGB"), boxes
+
+
+def box_patches(box: list[int], grid: int, patch: int) -> list[int]:
+    """Raster indices of the patches (`grid` x `grid` of `patch` pixels) that a layout box `[y, x, size,
+    label]` (from `<split>_layout.jsonl`) touches."""
+    y, x, size = box[:3]
+    return [
+        py * grid + px
+        for py in range(y // patch, (y + size - 1) // patch + 1)
+        for px in range(x // patch, (x + size - 1) // patch + 1)
+    ]
 
 
 def _cells(values: np.ndarray) -> str:
