@@ -355,10 +355,6 @@ def main() -> None:
     if args.text_layers:
         model_spec = replace(model_spec, text_layers=args.text_layers)
     if args.feature_layer is not None:
-        if not -model_spec.vision_layers - 1 <= args.feature_layer <= model_spec.vision_layers:
-            ap.error(
-                f"--feature-layer: the tower has {model_spec.vision_layers} layers, got {args.feature_layer}"
-            )
         model_spec = replace(model_spec, feature_layer=args.feature_layer)
     parts = parse_parts(args.train_parts)
     data = out / "data"
