@@ -262,6 +262,11 @@ def stage2_only(geometry, budget: float) -> DuetConfig:
     return DuetConfig(drop_layers=(1,), keep_ratios=(round(ratio, 4),))
 
 
+def recorded_args(args: argparse.Namespace) -> dict:
+    """The run's arguments as results.json records them (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
 def trained_full_model(out: Path, args: argparse.Namespace, model_spec: TinyLlavaSpec) -> float | None:
     """The median training step (s) of the full model an earlier run left in `out` with the same arguments
     and model (a `--only-full` run, say), so that this run evaluates it instead of training it again; None
@@ -269,7 +274,7 @@ def trained_full_model(out: Path, args: argparse.Namespace, model_spec: TinyLlav
     try:
         earlier = json.loads((out / "results.json").read_text())
         same = {k: v for k, v in earlier["args"].items() if k != "only_full"} == {
-            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "only_full"
+            k: v for k, v in recorded_args(args).items() if k != "only_full"
         }
         full = earlier["rows"][0]
     except (OSError, ValueError, KeyError, IndexError):
@@ -452,7 +457,7 @@ def main() -> None:
 
     summary = {
         "rows": rows,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": recorded_args(args),
         "model": asdict(model_spec),
         "family": loaded.adapter.family,
         "geometry": {"num_patches": n, "frames": geometry.frames, "num_layers": geometry.num_layers},
