@@ -363,8 +363,11 @@ def data_group() -> None:
     show_default=True,
     help="Count questions per training image; those after the first ask about digits it shows.",
 )
+@click.option(
+    "--locate", is_flag=True, help='Training images also ask "Which cells show a 7?" about a digit they show.'
+)
 def griddigits_cmd(
-    out_dir, train_images, test_images, rows, cols, frames, seed, conversations, augment, train_counts
+    out_dir, train_images, test_images, rows, cols, frames, seed, conversations, augment, train_counts, locate
 ) -> None:
     """GridDigits-VQA from scikit-learn's handwritten digits: train.json (LLaVA format) + test.jsonl."""
     from duet_export.data.griddigits import GridSpec, build_griddigits
@@ -373,7 +376,7 @@ def griddigits_cmd(
         raise DuetError("image counts, rows, cols, frames and --train-counts must be at least 1")
     spec = GridSpec(
         rows=rows, cols=cols, frames=frames, train_images=train_images, test_images=test_images, seed=seed,
-        conversations=conversations, augment=augment, train_counts=train_counts,
+        conversations=conversations, augment=augment, train_counts=train_counts, locate=locate,
     )  # fmt: skip
     build_griddigits(out_dir, spec, echo=click.echo)
     what = f"clips of {frames} frames of" if frames > 1 else "images of"

@@ -85,12 +85,45 @@ def test_griddigits_extra_training_counts_ask_about_shown_digits(grid, tmp_path)
     assert all(min(answers[1:]) >= 1 for answers in by_image.values() if len(answers) > 1)
 
 
+def test_griddigits_locate_lists_every_cell_of_a_shown_digit(grid, tmp_path):
+    """`locate`: a training question per image, "Which cells show a d?" about a digit it shows, answered
+    with every such cell (row and column, reading order); the test split stays the same."""
+    build_griddigits(tmp_path / "loc", replace(SPEC, locate=True), echo=lambda m: None)
+    assert (tmp_path / "loc" / "test.jsonl").read_bytes() == (grid / "test.jsonl").read_bytes()
+    layout = [json.loads(line) for line in (tmp_path / "loc" / "train_layout.jsonl").read_text().splitlines()]
+    boxes = {r["image"]: r["digits"] for r in layout}
+    examples = read_llava_json(tmp_path / "loc" / "train.json", split_turns=True)
+    located = [e for e in examples if e.question.startswith("Which cells show a ")]
+    assert len(located) == SPEC.train_images
+    for e in located:
+        digit = int(e.question.split()[-1].rstrip("?"))
+        cells = [f"{y // SPEC.cell + 1} {x // SPEC.cell + 1}" for y, x, _, label in boxes[f"images/{e.image.name}"]
+                 if label == digit]  # fmt: skip
+        assert cells and e.answer.split(" ; ") == cells
+
+
 def test_box_patches():
     """A layout box's patches in raster order: one patch when it sits on the patch grid, four when it
     straddles a corner."""
     assert box_patches([8, 40, 8, 3], grid=16, patch=8) == [1 * 16 + 5]
     assert box_patches([4, 4, 8, 1], grid=16, patch=8) == [0, 1, 16, 17]
     assert box_patches([0, 0, 24, 7], grid=4, patch=8) == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+
+
+def test_tower_counting_targets():
+    """The accuracy table's `--tower distorted-counts` objective: each patch a digit touches is labelled
+    with how many cells of its image show that digit; background is ignored (-100)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "accuracy_table.py"
+    spec = importlib.util.spec_from_file_location("accuracy_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    layout = [[[0, 0, 8, 7], [0, 16, 8, 7], [8, 8, 8, 3]], [[4, 4, 8, 7]]]
+    tallies = table._digit_tallies(layout, grid=4, patch=8)
+    assert tallies[0].tolist() == [2, -100, 2, -100, -100, 1] + [-100] * 10
+    assert tallies[1].tolist() == [1, 1, -100, -100, 1, 1] + [-100] * 10
 
 
 @pytest.fixture(scope="module")

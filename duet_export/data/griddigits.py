@@ -15,7 +15,8 @@ Training samples also get dense, question-dependent supervision, the part a capt
 VLMs: "Read row 2." (or "Read frame 2.") answered with those cells in reading order ("4 - 7 0"), "Which
 digits are in the image?" answered with the sorted digits present, and an echo ("Answer with row 2, column
 3." -> "2 3") that teaches carrying the question's numbers to the answer position, the first hop of every
-question. Without dense supervision a model trained from scratch sits at the answer priors; with a
+question; with `locate`, also "Which cells show a 7?" -> "2 3 ; 4 1" (every cell of a digit shown), which
+asks for a digit by what it is, as counting does. Without dense supervision a model trained from scratch sits at the answer priors; with a
 question-independent transcription instead ("Read the grid.") it learns to read but ignores the question;
 with a ten-count answer added ("How many cells show each digit?" -> "1 0 2 ...") it learnt that answer and
 the digit list within 3,500 steps but no longer learnt to find a cell (region questions 30 %, from 92 %).
@@ -53,6 +54,7 @@ class GridSpec:
     conversations: bool = False  # a sample's training questions form one conversation (else a record each)
     augment: bool = False  # training digits are random distortions of their scans (`augment_scans`)
     train_counts: int = 1  # count questions per training sample; after the first, of digits it shows
+    locate: bool = False  # training samples also get "Which cells show a 7?" -> "2 3 ; 4 1" (a digit shown)
     frames: int = 1  # >1: every sample is a clip of this many grids
     train_images: int = 3000
     test_images: int = 300
@@ -188,6 +190,16 @@ def _questions(
             names = ["frame", "row", "column"][int(not clip) :]
             words = ", ".join(f"{name} {k}" for name, k in zip(names, cell, strict=True))
             out.append(("echo", f"Answer with {words}.", " ".join(map(str, cell))))
+    if train and spec.locate and present:
+        d = int(rng.choice(present))
+        cells = np.argwhere(labels == d)
+        if clip:
+            where_d = " ; ".join(f"{f + 1} {r + 1} {c + 1}" for f, r, c in cells)
+            out.append(("locate", f"Which cells show a {d}? Give frame, row and column.", where_d))
+        else:
+            out.append(
+                ("locate", f"Which cells show a {d}?", " ; ".join(f"{r + 1} {c + 1}" for _, r, c in cells))
+            )
     asked = []
     filled = np.argwhere(labels >= 0)
     if len(filled):
