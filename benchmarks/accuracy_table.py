@@ -82,25 +82,27 @@ VIDEO_DATA = dict(rows=2, cols=2, cell=32, digit=8, align=8, frames=VIDEO_FRAMES
 VIDEO_REDUCTIONS = (1 - 960 / 2048, 1 - 136 / 2048)  # the paper's Video-LLaVA settings
 
 
-def _patch_targets(box_lists: list[list], grid: int, patch: int) -> torch.Tensor:
-    """[images, grid * grid] patch labels for the tower's pre-training: the digit (0-9) of every patch a
-    digit box `[y, x, size, label]` touches, 10 (background) elsewhere."""
-    target = torch.full((len(box_lists), grid * grid), 10, dtype=torch.long)
-    for i, boxes in enumerate(box_lists):
-        for box in boxes:
-            target[i, box_patches(box, grid, patch)] = box[3]
-    return target
-
-
-def _digit_tallies(box_lists: list[list], grid: int, patch: int) -> torch.Tensor:
-    """[images, grid * grid] for the tower's counting objective: on every patch a digit box touches, how
-    many boxes of the image show that digit; -100 (ignored) elsewhere."""
-    target = torch.full((len(box_lists), grid * grid), -100, dtype=torch.long)
+def _box_targets(box_lists: list[list], grid: int, patch: int, fill: int, value) -> torch.Tensor:
+    """[images, grid * grid]: `value(box, labels)` on every patch a digit box `[y, x, size, label]` touches
+    (`labels`: all the image's digit labels), `fill` elsewhere."""
+    target = torch.full((len(box_lists), grid * grid), fill, dtype=torch.long)
     for i, boxes in enumerate(box_lists):
         labels = [box[3] for box in boxes]
         for box in boxes:
-            target[i, box_patches(box, grid, patch)] = labels.count(box[3])
+            target[i, box_patches(box, grid, patch)] = value(box, labels)
     return target
+
+
+def _patch_targets(box_lists: list[list], grid: int, patch: int) -> torch.Tensor:
+    """Patch labels for the tower's pre-training: the digit (0-9) of every patch a digit box touches, 10
+    (background) elsewhere."""
+    return _box_targets(box_lists, grid, patch, 10, lambda box, labels: box[3])
+
+
+def _digit_tallies(box_lists: list[list], grid: int, patch: int) -> torch.Tensor:
+    """For the tower's counting objective: on every patch a digit box touches, how many boxes of the image
+    show that digit; -100 (ignored) elsewhere."""
+    return _box_targets(box_lists, grid, patch, -100, lambda box, labels: labels.count(box[3]))
 
 
 def _patch_features(adapter, pixels: torch.Tensor) -> torch.Tensor:
@@ -110,13 +112,18 @@ def _patch_features(adapter, pixels: torch.Tensor) -> torch.Tensor:
     ]
 
 
+def _log_due(step: int, steps: int) -> bool:
+    """Five log lines over a pre-training run, and the last step."""
+    return step % max(1, steps // 5) == 0 or step == steps - 1
+
+
 def _log_vision_step(
     step: int, steps: int, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor
 ) -> float:
     """Digit-patch accuracy of this batch, printed five times over the run; returned."""
     digits = target != 10
     accuracy = float((logits.argmax(-1)[digits] == target[digits]).float().mean())
-    if step % max(1, steps // 5) == 0 or step == steps - 1:
+    if _log_due(step, steps):
         print(
             f"vision pre-training step {step + 1}/{steps}: loss {loss.item():.3f}, digit-patch accuracy {accuracy:.3f}"
         )
@@ -225,7 +232,7 @@ def pretrain_vision_distorted(
             loss = loss + 0.5 * torch.nn.functional.cross_entropy(
                 many.reshape(-1, cells + 1), tally.reshape(-1)
             )
-            if step % max(1, steps // 5) == 0 or step == steps - 1:
+            if _log_due(step, steps):
                 on = tally != -100
                 print(
                     f"  count-of-its-digit accuracy {float((many.argmax(-1)[on] == tally[on]).float().mean()):.3f}"
