@@ -21,7 +21,7 @@ the forward pass. Writes table.md, accuracy.png, results.json and every setting'
 256 patches) at the paper's video reductions, ~53 % and ~93 % (960 and 136 of 2048), with the tower
 pre-trained on the training frames (`--tower scans`), which measured better there.
 
-    .venv/bin/python benchmarks/accuracy_table.py --out results/accuracy          # ~65 min on 2 cores
+    .venv/bin/python benchmarks/accuracy_table.py --out results/accuracy          # ~56 min on 2 cores
     .venv/bin/python benchmarks/accuracy_table.py --out results/video --video
     .venv/bin/python benchmarks/accuracy_table.py --out /tmp/acc --quick          # smoke test, < 1 min
 """

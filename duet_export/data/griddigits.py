@@ -16,9 +16,9 @@ VLMs: "Read row 2." (or "Read frame 2.") answered with those cells in reading or
 digits are in the image?" answered with the sorted digits present, and an echo ("Answer with row 2, column
 3." -> "2 3") that teaches carrying the question's numbers to the answer position, the first hop of every
 question; with `locate`, also "Which cells show a 7?" -> "2 3 ; 4 1" (every cell of a digit shown), which
-asks for a digit by what it is, as counting does. Without dense supervision a model trained from scratch sits at the answer priors; with a
-question-independent transcription instead ("Read the grid.") it learns to read but ignores the question;
-with a ten-count answer added ("How many cells show each digit?" -> "1 0 2 ...") it learnt that answer and
+asks for a digit by what it is, as counting does. Without dense supervision a model trained from scratch
+sits at the answer priors; with a question-independent transcription instead ("Read the grid.") it learns
+to read but ignores the question; with a ten-count answer added ("How many cells show each digit?" -> "1 0 2 ...") it learnt that answer and
 the digit list within 3,500 steps but no longer learnt to find a cell (region questions 30 %, from 92 %).
 Test questions are the three kinds above.
 
@@ -192,14 +192,11 @@ def _questions(
             out.append(("echo", f"Answer with {words}.", " ".join(map(str, cell))))
     if train and spec.locate and present:
         d = int(rng.choice(present))
-        cells = np.argwhere(labels == d)
-        if clip:
-            where_d = " ; ".join(f"{f + 1} {r + 1} {c + 1}" for f, r, c in cells)
-            out.append(("locate", f"Which cells show a {d}? Give frame, row and column.", where_d))
-        else:
-            out.append(
-                ("locate", f"Which cells show a {d}?", " ; ".join(f"{r + 1} {c + 1}" for _, r, c in cells))
-            )
+        cells = np.argwhere(labels == d)[:, int(not clip) :]  # (frame,) row, column, as the echo numbers them
+        where_d = " ; ".join(" ".join(str(k + 1) for k in cell) for cell in cells)
+        out.append(
+            ("locate", f"Which cells show a {d}?" + (" Give frame, row and column." if clip else ""), where_d)
+        )
     asked = []
     filled = np.argwhere(labels >= 0)
     if len(filled):
