@@ -73,7 +73,13 @@ DATA = dict(rows=4, cols=4, cell=32, digit=8, align=8)
 REDUCTIONS = (2 / 3, 8 / 9)  # the paper's 192/576 and 64/576
 COUNT_QUESTIONS = 3  # per training image in --count-steps' data
 VISION_AUGMENTED_COPIES = 20  # distorted copies of each training scan for the tower's pre-training
-TOWER_PRETRAINING = ("distorted", "distorted-positions", "distorted-counts", "scans")
+TOWER_PRETRAINING = (
+    "distorted",
+    "distorted-positions",
+    "distorted-counts",
+    "distorted-counts-positions",
+    "scans",
+)
 
 # Video: 4 frames of 2x2 cells (64 px, 64 patches each), the same tower and decoder sizes.
 VIDEO_FRAMES = 4
@@ -422,6 +428,13 @@ def main() -> None:
         f"{COUNT_QUESTIONS} count questions per image (data-counts/); the table's full model is then that model "
         "(default 2000 for images, 0 with --video)",
     )
+    recipe.add_argument(
+        "--position-squeeze",
+        type=float,
+        default=0.0,
+        help="full model (and count steps): squeeze each image's visual positions into a random 1 - S to 1 "
+        "of their span (TrainSettings.position_squeeze), so that cells are not read by sequence place",
+    )
     recipe.add_argument("--only-full", action="store_true", help="train and evaluate the full model only")
     args = ap.parse_args()
     args.tower = args.tower or ("scans" if args.video else "distorted-counts")
@@ -429,6 +442,8 @@ def main() -> None:
         args.count_steps = 0 if args.video else 2000
     if args.count_steps < 0:
         ap.error(f"--count-steps must be at least 0, got {args.count_steps}")
+    if not 0 <= args.position_squeeze < 1:
+        ap.error(f"--position-squeeze must be in [0, 1), got {args.position_squeeze}")
     layers = MODEL.vision_layers  # the video model's too
     if args.feature_layer is not None and not -layers - 1 <= args.feature_layer <= layers:
         ap.error(f"--feature-layer: the tower has {layers} layers, got {args.feature_layer}")
@@ -479,7 +494,7 @@ def main() -> None:
         if args.tower == "scans":
             pretrain_vision(base, data, args.vision_steps or 300, 32, args.seed)
         else:
-            counts, positions = args.tower == "distorted-counts", args.tower == "distorted-positions"
+            counts, positions = "counts" in args.tower, "positions" in args.tower
             steps = args.vision_steps or (4000 if counts else 1000)
             pretrain_vision_distorted(base, data, steps, 32, args.seed, positions=positions, counts=counts)
         balance_init(base, data)
@@ -487,6 +502,7 @@ def main() -> None:
     settings = TrainSettings(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         warmup_steps=min(100, args.steps // 10), train=parts, save_steps=10**9, seed=args.seed, log_steps=max(1, args.steps // 30),
+        position_squeeze=args.position_squeeze,
     )  # fmt: skip
     full_step = trained_full_model(out, args, model_spec, recorded_args(ap.parse_args([])))
     if full_step is None:

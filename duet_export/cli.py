@@ -419,9 +419,17 @@ def _training_data(data: str, image_folder: str | None, split_turns: bool = Fals
 @click.option("--save-steps", type=int, default=500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
+@click.option(
+    "--position-squeeze",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="With --no-compress: squeeze each example's visual positions into a random (1-S)..1 of their span, "
+    "so that the model does not read image regions by sequence place (which compression renumbers).",
+)
 def train_cmd(
     model_dir, data, output, no_compress, image_folder, split_turns, steps, batch_size, lr, warmup, grad_accum,
-    parts, save_steps, seed, resume, **opts,
+    parts, save_steps, seed, resume, position_squeeze, **opts,
 ) -> None:  # fmt: skip
     """Fine-tune MODEL_DIR on LLaVA-format DATA with DUET in the forward pass (HF Trainer)."""
     from duet_export.training import TrainSettings, parse_parts, train
@@ -432,7 +440,7 @@ def train_cmd(
     chosen = parse_parts(parts)
     settings = TrainSettings(
         steps=steps, batch_size=batch_size, learning_rate=lr, warmup_steps=warmup, train=chosen,
-        save_steps=save_steps, seed=seed, grad_accum=grad_accum, resume=resume,
+        save_steps=save_steps, seed=seed, grad_accum=grad_accum, resume=resume, position_squeeze=position_squeeze,
     )  # fmt: skip
     result = train(loaded, examples, output, config, settings, echo=click.echo)
     click.echo(

@@ -9,6 +9,7 @@ loss and tokens/s.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -54,6 +55,10 @@ class TrainSettings:
     log_steps: int = 10
     resume: bool = False
     progress: bool = True
+    # Uncompressed training only: each example's visual positions are squeezed into a random span of
+    # (1 - s)..1 times their number (several tokens share a position), so that the decoder cannot find an
+    # image region by its tokens' place in the sequence, a place that compression renumbers.
+    position_squeeze: float = 0.0
     stop_after: int | None = None  # stop (with a checkpoint) at this step, as an interrupted run would
 
 
@@ -75,7 +80,16 @@ class VQACollator:
     """Examples (an image and one or more question/answer turns) -> a left-padded batch with labels on the
     answer tokens only and the salient-query mask on every question."""
 
-    def __init__(self, loaded: LoadedModel, config: DuetConfig | None) -> None:
+    def __init__(self, loaded: LoadedModel, config: DuetConfig | None, position_squeeze: float = 0.0) -> None:
+        if not 0.0 <= position_squeeze < 1.0:
+            raise DuetError(f"--position-squeeze must be in [0, 1), got {position_squeeze}")
+        if position_squeeze and (config is not None or not loaded.adapter.recompact_positions):
+            raise DuetError(
+                "--position-squeeze applies to uncompressed training of a family whose compression "
+                f"renumbers positions (LLaVA, Video-LLaVA), not to {loaded.adapter.family}"
+                + (" with compression on" if config is not None else "")
+            )
+        self.position_squeeze = position_squeeze
         self.processor = loaded.processor
         self.image_token_id = loaded.adapter.image_token_id
         self.adapter = loaded.adapter
@@ -125,13 +139,39 @@ class VQACollator:
             labels[i, width - n :] = torch.tensor(r_labels)
             mask[i, width - n :] = 1
             query[i, width - n :] = torch.tensor(r_query)
-        return {
+        batch = {
             "input_ids": ids,
             "attention_mask": mask,
             "labels": labels,
             **self.adapter.pixel_inputs(torch.from_numpy(np.concatenate(pixels))),
             "duet_query_mask": query,
         }
+        if self.position_squeeze:
+            batch["position_ids"] = squeezed_positions(
+                ids == self.image_token_id, mask, self.position_squeeze
+            )
+        return batch
+
+
+def squeezed_positions(visual: torch.Tensor, mask: torch.Tensor, squeeze: float) -> torch.Tensor:
+    """Position ids (B, T) where each row's M visual tokens (`visual`, in order) take only K positions, K
+    drawn uniformly from [ceil((1 - squeeze) M), M] with the global torch RNG (which the Trainer seeds and
+    restores on resume): visual token j sits at floor(j K / M) past the block's start, and the text after
+    the block continues from start + K, as it would after a compression that kept K tokens. Padding gets 0."""
+    steps = mask.clone()
+    for row in range(visual.shape[0]):
+        where = visual[row].nonzero().flatten()
+        m = len(where)
+        if m < 2:
+            continue
+        k = int(torch.randint(math.ceil((1 - squeeze) * m), m + 1, ()))
+        j = torch.arange(m)
+        # 1 for the block's first token and wherever floor(j K / M) moves on; 0 where tokens share a place
+        steps[row, where] = torch.where(j == 0, 1, (j * k) // m - ((j - 1) * k) // m)
+        after = int(where[-1]) + 1
+        if after < steps.shape[1]:
+            steps[row, after] += k - 1 - ((m - 1) * k) // m
+    return (steps.cumsum(-1) - 1).clamp(min=0) * mask
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -221,6 +261,8 @@ def train(
         raise DuetError(f"--resume: no checkpoint under {checkpoints}")
     if not settings.resume and checkpoints.exists():
         raise DuetError(f"{checkpoints} exists: pass --resume to continue that run, or choose a new output")
+    enabled = config if config is not None and config.enabled else None
+    collator = VQACollator(loaded, enabled, settings.position_squeeze)  # checks the squeeze before any work
     model = loaded.model
     trainable = _freeze(loaded, settings.train)
     if config is not None and config.enabled:
@@ -257,7 +299,7 @@ def train(
         model=model,
         args=args,
         train_dataset=_ListDataset(examples),
-        data_collator=VQACollator(loaded, config if config is not None and config.enabled else None),
+        data_collator=collator,
         callbacks=_callbacks(result, settings.stop_after),
     )
     verbosity = hf_logging.get_verbosity()

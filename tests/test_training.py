@@ -19,7 +19,7 @@ from duet_export.export.bundle import ExportOptions, export_bundle
 from duet_export.loading import load
 from duet_export.prompts import encode_follow_up
 from duet_export.runtimes import OnnxVLM
-from duet_export.training import TrainSettings, train
+from duet_export.training import TrainSettings, VQACollator, squeezed_positions, train
 
 from conftest import bundle_config, check_conversation_batch
 
@@ -225,6 +225,52 @@ def test_frozen_parts_do_not_change(tiny_dir, grid, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_squeezed_positions_give_the_visual_block_a_random_shorter_span():
+    visual = torch.zeros(3, 20, dtype=torch.bool)
+    visual[:, 4:16] = True  # 12 visual tokens after 4 text tokens, 4 text tokens after
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[2, :2] = 0  # left padding
+    visual[2, :2] = False
+    assert torch.equal(squeezed_positions(visual, mask, 0.0)[0], torch.arange(20))
+    torch.manual_seed(0)
+    spans = set()
+    for _ in range(40):
+        pos = squeezed_positions(visual, mask, 0.75)
+        for row in range(3):
+            real = pos[row][mask[row].bool()]
+            block = pos[row, 4:16]
+            span = int(block.unique().numel())
+            assert 3 <= span <= 12  # ceil(0.25 * 12) .. 12 places
+            assert torch.equal(block.unique(), torch.arange(int(block[0]), int(block[0]) + span))
+            assert torch.all(real.diff() >= 0) and torch.all(real.diff()[block.numel() :] <= 1)
+            assert int(pos[row, 16]) == int(block[0]) + span  # text resumes where a K-token block ends
+            assert torch.equal(pos[row, 16:] - pos[row, 16], torch.arange(4))
+            spans.add(span)
+        assert torch.all(pos[2, :2] == 0) and int(pos[2, 2]) == 0
+    assert len(spans) > 5  # drawn, not fixed
+
+
+def test_position_squeeze_reaches_the_model_and_only_when_uncompressed(tiny, grid):
+    examples = read_llava_json(grid / "train.json")[:4]
+    plain = VQACollator(tiny, None)(examples)
+    torch.manual_seed(1)
+    squeezed = VQACollator(tiny, None, position_squeeze=0.9)(examples)
+    assert "position_ids" not in plain and squeezed["position_ids"].shape == squeezed["input_ids"].shape
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert torch.equal(plain[key], squeezed[key])
+    visual = squeezed["input_ids"] == tiny.adapter.image_token_id
+    places = [int(squeezed["position_ids"][r][visual[r]].unique().numel()) for r in range(4)]
+    assert all(p <= int(visual[r].sum()) for r, p in enumerate(places)) and min(places) < int(visual[0].sum())
+    with torch.no_grad():
+        losses = [float(tiny.model(**{k: v for k, v in b.items() if k != "duet_query_mask"}).loss)
+                  for b in (plain, squeezed)]  # fmt: skip
+    assert losses[0] != pytest.approx(losses[1], rel=1e-6)  # the positions are used, not dropped
+    with pytest.raises(DuetError, match="uncompressed"):
+        VQACollator(tiny, bundle_config(tiny), position_squeeze=0.5)
+    with pytest.raises(DuetError, match=r"\[0, 1\)"):
+        VQACollator(tiny, None, position_squeeze=1.0)
+
+
 def test_resume_equals_uninterrupted(tiny_dir, grid, tmp_path):
     examples = read_llava_json(grid / "train.json")[:12]
     cfg = bundle_config(load(tiny_dir))
@@ -275,6 +321,12 @@ def test_normalize_answer():
 
 def test_train_and_eval_cli(tiny_dir, grid, conversation_grid, tmp_path):
     out = tmp_path / "ckpt"
+    for squeeze, compression in (("1.5", ["--no-compress"]), ("0.5", ["--budget", "21"])):
+        result = run(
+            "train", tiny_dir, grid, "-o", out, *compression, "--position-squeeze", squeeze, "--steps", 2
+        )
+        assert result.exit_code != 0 and "--position-squeeze" in result.output and not out.exists()
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     result = run(
         "train", tiny_dir, conversation_grid, "-o", out, "--budget", 21, "--steps", 2, "--batch-size", 2, "--save-steps", 1,
         "--split-turns",
