@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -45,6 +46,7 @@ from duet_export.inputs import prepare_inputs
 from duet_export.loading import load, load_image, load_visual
 from duet_export.prompts import image_pixels
 from duet_export.stages.budget import report, resolve_budget
+from duet_export.stages.v2v import cls_attention_and_keys
 from duet_export.tiny import TinyLlavaSpec, build_tiny_llava, build_tiny_video_llava
 from duet_export.training import TrainSettings, parse_parts, train
 
@@ -72,6 +74,7 @@ MODEL = TinyLlavaSpec(
 DATA = dict(rows=4, cols=4, cell=32, digit=8, align=8)
 REDUCTIONS = (2 / 3, 8 / 9)  # the paper's 192/576 and 64/576
 COUNT_QUESTIONS = 3  # per training image in --count-steps' data
+SALIENCY_SLACK = 0.1  # nats over the least cross-entropy at which --cls-saliency stops pulling
 VISION_AUGMENTED_COPIES = 20  # distorted copies of each training scan for the tower's pre-training
 TOWER_PRETRAINING = (
     "distorted",
@@ -111,11 +114,44 @@ def _digit_tallies(box_lists: list[list], grid: int, patch: int) -> torch.Tensor
     return _box_targets(box_lists, grid, patch, -100, lambda box, labels: labels.count(box[3]))
 
 
-def _patch_features(adapter, pixels: torch.Tensor) -> torch.Tensor:
-    """The feature layer's output for every patch (CLS dropped): what the projector will see."""
-    return adapter.tower(pixels, output_hidden_states=True).hidden_states[adapter.feature_layer_index + 1][
-        :, 1:
-    ]
+def _tower_outputs(adapter, pixels: torch.Tensor, saliency: bool = False):
+    """The feature layer's output for every patch (CLS dropped: what the projector will see) and, with
+    `saliency`, the CLS attention over the patches that Stage 1 ranks them by (`adapter.vision_layer`'s
+    scores, mean over heads), here with gradients; else None."""
+    layer = adapter.tower.encoder.layers[adapter.feature_layer_index]
+    seen = {}
+
+    def keep_input(module, args) -> None:  # returning anything else would replace the layer's arguments
+        seen["input"] = args[0]
+
+    hook = layer.register_forward_pre_hook(keep_input)
+    try:
+        features = adapter.uncompressed_tokens(adapter.vision_layer(pixels, need_scores=False).hidden)
+    finally:
+        hook.remove()
+    if not saliency:
+        return features, None
+    attn = layer.self_attn
+    scores, _ = cls_attention_and_keys(
+        layer.layer_norm1(seen["input"]), attn.q_proj, attn.k_proj, attn.num_heads, attn.scale
+    )
+    return features, scores / attn.num_heads
+
+
+def _saliency_loss(
+    attention: torch.Tensor, target: torch.Tensor, slack: float = SALIENCY_SLACK
+) -> torch.Tensor:
+    """How far the CLS attention over patches [B, N] is from an even share on each digit patch (`target` !=
+    10): its cross-entropy against that share, above the least possible (log of the digit patches' number)
+    plus `slack` nats, so that it stops pulling once ~90 % of the attention is on the digits and leaves the
+    tower's capacity to its other labels (pulling all the way cost the counting label ~25 points). A
+    pretrained CLIP's CLS attends to an image's content, which is what Stage 1 keeps; this tower learns it
+    here because nothing can be downloaded. Images without digits add 0."""
+    digits = (target != 10).float()
+    n = digits.sum(-1)
+    share = digits / n.unsqueeze(-1).clamp(min=1)
+    excess = -(share * attention.clamp(min=1e-9).log()).sum(-1) - n.clamp(min=1).log()
+    return torch.relu(excess - slack).mean()
 
 
 def _log_due(step: int, steps: int) -> bool:
@@ -158,7 +194,7 @@ def pretrain_vision(model_dir: Path, data: Path, steps: int, batch: int, seed: i
         images = [load_image(data / r["image"]) for r in chunk]
         pixels = torch.from_numpy(image_pixels(loaded.processor.image_processor, images))
         target = _patch_targets([r["digits"] for r in chunk], grid, patch)
-        logits = head(_patch_features(adapter, pixels))
+        logits = head(_tower_outputs(adapter, pixels)[0])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), target.reshape(-1))
         opt.zero_grad()
         loss.backward()
@@ -177,6 +213,7 @@ def pretrain_vision_distorted(
     seed: int,
     positions: bool = True,
     counts: bool = False,
+    saliency: bool = False,
 ) -> float:
     """Stage 0 of the LLaVA recipe, done here instead of downloading CLIP: teach the vision tower to tell
     the digits apart, by classifying every patch (digit 0-9 or background) from the feature layer's output.
@@ -223,7 +260,7 @@ def pretrain_vision_distorted(
             box_lists.append(boxes)
         pixels = torch.from_numpy(image_pixels(loaded.processor.image_processor, images)).to(device)
         target = _patch_targets(box_lists, grid, patch).to(device)
-        hidden = _patch_features(adapter, pixels)
+        hidden, attention = _tower_outputs(adapter, pixels, saliency)
         logits = head(hidden)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), target.reshape(-1), weight=weight)
         if positions:
@@ -232,6 +269,11 @@ def pretrain_vision_distorted(
                 torch.nn.functional.cross_entropy(place[:, :grid], patch_rows)
                 + torch.nn.functional.cross_entropy(place[:, grid:], patch_cols)
             )
+        if saliency:
+            loss = loss + _saliency_loss(attention, target)
+            if _log_due(step, steps):
+                on_digits = float((attention.detach() * (target != 10)).sum(-1).mean())
+                print(f"  CLS attention on digit patches {on_digits:.3f}")
         if counts:
             many = how_many(hidden)
             tally = _digit_tallies(box_lists, grid, patch).to(device)
@@ -312,8 +354,6 @@ def count_training(
     the table's data alone the decoder answers every count of 2-4 with "1" (README item 6); with the
     counting tower (`--tower distorted-counts`) these steps teach it to count. Returns the new training
     examples (the fine-tunes with compression use them too) and the model's directory."""
-    import shutil
-
     spec = GridSpec(**json.loads((data / "spec.json").read_text())["spec"])
     counts_data = out / "data-counts"
     if not (counts_data / "spec.json").is_file():
@@ -435,9 +475,19 @@ def main() -> None:
         help="full model (and count steps): squeeze each image's visual positions into a random 1 - S to 1 "
         "of their span (TrainSettings.position_squeeze), so that cells are not read by sequence place",
     )
+    recipe.add_argument(
+        "--cls-saliency",
+        action=argparse.BooleanOptionalAction,
+        help="distorted towers: also train the CLS attention that Stage 1 ranks patches by to fall evenly on "
+        "the digits, as a pretrained CLIP's falls on content (default: on for images, off with --video)",
+    )
     recipe.add_argument("--only-full", action="store_true", help="train and evaluate the full model only")
     args = ap.parse_args()
     args.tower = args.tower or ("scans" if args.video else "distorted-counts")
+    if args.cls_saliency and args.tower == "scans":
+        ap.error("--cls-saliency trains a distorted tower; --tower scans has none")
+    if args.cls_saliency is None:
+        args.cls_saliency = not args.video and args.tower != "scans"
     if args.count_steps is None:
         args.count_steps = 0 if args.video else 2000
     if args.count_steps < 0:
@@ -496,7 +546,16 @@ def main() -> None:
         else:
             counts, positions = "counts" in args.tower, "positions" in args.tower
             steps = args.vision_steps or (4000 if counts else 1000)
-            pretrain_vision_distorted(base, data, steps, 32, args.seed, positions=positions, counts=counts)
+            pretrain_vision_distorted(
+                base,
+                data,
+                steps,
+                32,
+                args.seed,
+                positions=positions,
+                counts=counts,
+                saliency=args.cls_saliency,
+            )
         balance_init(base, data)
     full_dir = out / "full"
     settings = TrainSettings(
@@ -548,6 +607,7 @@ def main() -> None:
         run("Stage 2 only (T2V)", stage2_only(geometry, budget), target=reduction)
         run("DUET inference-only", duet, target=reduction)
         tuned_dir = out / f"duet-trained-{round(100 * reduction)}"
+        shutil.rmtree(tuned_dir, ignore_errors=True)  # this run's own output, as full-counts is
         tune = TrainSettings(
             steps=args.finetune_steps, batch_size=args.batch_size, learning_rate=2e-4,
             warmup_steps=min(20, args.finetune_steps // 5), train=parts, save_steps=10**9, seed=args.seed,

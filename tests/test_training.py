@@ -110,20 +110,49 @@ def test_box_patches():
     assert box_patches([0, 0, 24, 7], grid=4, patch=8) == [0, 1, 2, 4, 5, 6, 8, 9, 10]
 
 
-def test_tower_counting_targets():
-    """The accuracy table's `--tower distorted-counts` objective: each patch a digit touches is labelled
-    with how many cells of its image show that digit; background is ignored (-100)."""
+@pytest.fixture(scope="module")
+def table():
+    """benchmarks/accuracy_table.py as a module (it is a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
 
     path = Path(__file__).parents[1] / "benchmarks" / "accuracy_table.py"
     spec = importlib.util.spec_from_file_location("accuracy_table", path)
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tower_counting_targets(table):
+    """The accuracy table's `--tower distorted-counts` objective: each patch a digit touches is labelled
+    with how many cells of its image show that digit; background is ignored (-100)."""
     layout = [[[0, 0, 8, 7], [0, 16, 8, 7], [8, 8, 8, 3]], [[4, 4, 8, 7]]]
     tallies = table._digit_tallies(layout, grid=4, patch=8)
     assert tallies[0].tolist() == [2, -100, 2, -100, -100, 1] + [-100] * 10
     assert tallies[1].tolist() == [1, 1, -100, -100, 1, 1] + [-100] * 10
+
+
+def test_tower_saliency_trains_the_scores_stage1_ranks_by(table, tiny):
+    """`--cls-saliency`: the attention the tower learns from is Stage 1's own score (the adapter's
+    `vision_layer`, mean over heads), with gradients; its loss is 0 once it is (nearly) even over the digits."""
+    adapter = tiny.adapter
+    pixels = torch.randn(2, 3, adapter.image_size, adapter.image_size)
+    features, attention = table._tower_outputs(adapter, pixels, saliency=True)
+    with torch.no_grad():
+        stage1 = adapter.vision_layer(pixels, need_scores=True)
+    heads = adapter.tower.encoder.layers[adapter.feature_layer_index].self_attn.num_heads
+    torch.testing.assert_close(attention, stage1.cls_attention / heads)
+    torch.testing.assert_close(features, adapter.uncompressed_tokens(stage1.hidden))
+    target = torch.full_like(attention, 10, dtype=torch.long)
+    target[:, :4] = 3  # four digit patches
+    table._saliency_loss(attention, target).backward()
+    assert adapter.tower.encoder.layers[adapter.feature_layer_index].self_attn.q_proj.weight.grad is not None
+    even = torch.zeros_like(attention)
+    even[:, :4] = 0.25
+    spread = torch.full_like(attention, 1 / attention.shape[1])
+    nearly = even * 0.95 + spread * 0.05  # 95 % on the digits: within the slack, no pull
+    assert float(table._saliency_loss(even, target)) == 0 and float(table._saliency_loss(nearly, target)) == 0
+    assert float(table._saliency_loss(spread, target)) > 1  # log(N / 4) - slack
 
 
 @pytest.fixture(scope="module")
@@ -441,5 +470,7 @@ def test_accuracy_table_quick(tmp_path, video):
             assert all(sum(map(float, head.split("/"))) <= 1.01 for head in line.split(":")[1].split())
         for key in ("accuracy", "by_kind", "median_step_seconds"):
             assert result["rows"][0][key] == full_only[0][key]
+        again = subprocess.run(args, capture_output=True, text=True)  # a finished --out runs again
+        assert again.returncode == 0 and "reusing the full model" in again.stdout, again.stderr[-3000:]
     assert result["family"] == ("video-llava" if video else "llava")
     assert "DUET trained" in (tmp_path / "table.md").read_text()
