@@ -139,15 +139,18 @@ def _tower_outputs(adapter, pixels: torch.Tensor, saliency: bool = False):
 
 
 def _saliency_loss(
-    attention: torch.Tensor, target: torch.Tensor, slack: float = SALIENCY_SLACK
+    attention: torch.Tensor, target: torch.Tensor, slack: float = SALIENCY_SLACK, log: bool = False
 ) -> torch.Tensor:
     """How far the CLS attention over patches [B, N] is from an even share on each digit patch (`target` !=
     10): its cross-entropy against that share, above the least possible (log of the digit patches' number)
     plus `slack` nats, so that it stops pulling once ~90 % of the attention is on the digits and leaves the
     tower's capacity to its other labels (pulling all the way cost the counting label ~25 points). A
     pretrained CLIP's CLS attends to an image's content, which is what Stage 1 keeps; this tower learns it
-    here because nothing can be downloaded. Images without digits add 0."""
+    here because nothing can be downloaded. Images without digits add 0. `log` prints the attention's share
+    on the digits."""
     digits = (target != 10).float()
+    if log:
+        print(f"  CLS attention on digit patches {float((attention.detach() * digits).sum(-1).mean()):.3f}")
     n = digits.sum(-1)
     share = digits / n.unsqueeze(-1).clamp(min=1)
     excess = -(share * attention.clamp(min=1e-9).log()).sum(-1) - n.clamp(min=1).log()
@@ -172,7 +175,9 @@ def _log_vision_step(
     return accuracy
 
 
-def pretrain_vision(model_dir: Path, data: Path, steps: int, batch: int, seed: int) -> float:
+def pretrain_vision(
+    model_dir: Path, data: Path, steps: int, batch: int, seed: int, saliency: bool = False
+) -> float:
     """Stage 0 of the LLaVA recipe, done here instead of downloading CLIP: teach the vision tower to tell
     the digits apart, by classifying every patch (digit 0-9 or background) from the feature layer's output,
     on the training images only (their layout says where each digit is). Returns the last batch accuracy.
@@ -194,8 +199,11 @@ def pretrain_vision(model_dir: Path, data: Path, steps: int, batch: int, seed: i
         images = [load_image(data / r["image"]) for r in chunk]
         pixels = torch.from_numpy(image_pixels(loaded.processor.image_processor, images))
         target = _patch_targets([r["digits"] for r in chunk], grid, patch)
-        logits = head(_tower_outputs(adapter, pixels)[0])
+        hidden, attention = _tower_outputs(adapter, pixels, saliency)
+        logits = head(hidden)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), target.reshape(-1))
+        if saliency:
+            loss = loss + _saliency_loss(attention, target, log=_log_due(step, steps))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -270,10 +278,7 @@ def pretrain_vision_distorted(
                 + torch.nn.functional.cross_entropy(place[:, grid:], patch_cols)
             )
         if saliency:
-            loss = loss + _saliency_loss(attention, target)
-            if _log_due(step, steps):
-                on_digits = float((attention.detach() * (target != 10)).sum(-1).mean())
-                print(f"  CLS attention on digit patches {on_digits:.3f}")
+            loss = loss + _saliency_loss(attention, target, log=_log_due(step, steps))
         if counts:
             many = how_many(hidden)
             tally = _digit_tallies(box_lists, grid, patch).to(device)
@@ -478,16 +483,14 @@ def main() -> None:
     recipe.add_argument(
         "--cls-saliency",
         action=argparse.BooleanOptionalAction,
-        help="distorted towers: also train the CLS attention that Stage 1 ranks patches by to fall evenly on "
+        help="also train the tower's CLS attention, which Stage 1 ranks patches by, to fall evenly on "
         "the digits, as a pretrained CLIP's falls on content (default: on for images, off with --video)",
     )
     recipe.add_argument("--only-full", action="store_true", help="train and evaluate the full model only")
     args = ap.parse_args()
     args.tower = args.tower or ("scans" if args.video else "distorted-counts")
-    if args.cls_saliency and args.tower == "scans":
-        ap.error("--cls-saliency trains a distorted tower; --tower scans has none")
     if args.cls_saliency is None:
-        args.cls_saliency = not args.video and args.tower != "scans"
+        args.cls_saliency = not args.video
     if args.count_steps is None:
         args.count_steps = 0 if args.video else 2000
     if args.count_steps < 0:
@@ -542,7 +545,7 @@ def main() -> None:
         else:
             build_tiny_llava(base, model_spec)
         if args.tower == "scans":
-            pretrain_vision(base, data, args.vision_steps or 300, 32, args.seed)
+            pretrain_vision(base, data, args.vision_steps or 300, 32, args.seed, saliency=args.cls_saliency)
         else:
             counts, positions = "counts" in args.tower, "positions" in args.tower
             steps = args.vision_steps or (4000 if counts else 1000)
