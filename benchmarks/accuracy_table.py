@@ -5,7 +5,9 @@ patches, an 8-layer Llama-like decoder) on GridDigits-VQA, following LLaVA's rec
 pre-trained first (here, since no CLIP may be downloaded, for 4,000 steps: naming each patch of fresh grids
 of randomly distorted training scans as a digit or background, and labelling each digit's patch with how
 many cells of its image show that digit; `--tower distorted` without the count, `distorted-positions` with
-each patch's row and column instead, `scans` on the training images themselves), then projector + LLM learn
+each patch's row and column instead, `distorted-counts-positions` with both, `scans` on the training images
+themselves; `--cls-saliency` also teaches the CLS attention that Stage 1 ranks patches by to fall on the
+digits, as a pretrained CLIP's falls on content), then projector + LLM learn
 the questions with the tower frozen (5,000 steps), then 2,000 more steps on training images that each ask
 three count questions (`--count-steps`): without those the decoder answers every count of 2-4 with "1". It then
 evaluates side by side at ~67 % and ~89 % visual-token reduction (the paper's 192 and 64 of 576, scaled
@@ -115,7 +117,7 @@ def _digit_tallies(box_lists: list[list], grid: int, patch: int) -> torch.Tensor
 
 
 def _tower_outputs(adapter, pixels: torch.Tensor, saliency: bool = False):
-    """The feature layer's output for every patch (CLS dropped: what the projector will see) and, with
+    """The feature layer's output for every patch (CLS dropped: what the patch labels are about) and, with
     `saliency`, the CLS attention over the patches that Stage 1 ranks them by (`adapter.vision_layer`'s
     scores, mean over heads), here with gradients; else None."""
     layer = adapter.tower.encoder.layers[adapter.feature_layer_index]
@@ -126,7 +128,7 @@ def _tower_outputs(adapter, pixels: torch.Tensor, saliency: bool = False):
 
     hook = layer.register_forward_pre_hook(keep_input)
     try:
-        features = adapter.uncompressed_tokens(adapter.vision_layer(pixels, need_scores=False).hidden)
+        features = adapter.vision_layer(pixels, need_scores=False).hidden[:, 1:]  # CLS dropped, as labelled
     finally:
         hook.remove()
     if not saliency:
@@ -482,15 +484,13 @@ def main() -> None:
     )
     recipe.add_argument(
         "--cls-saliency",
-        action=argparse.BooleanOptionalAction,
+        action="store_true",
         help="also train the tower's CLS attention, which Stage 1 ranks patches by, to fall evenly on "
-        "the digits, as a pretrained CLIP's falls on content (default: on for images, off with --video)",
+        "the digits, as a pretrained CLIP's falls on content (README item 9)",
     )
     recipe.add_argument("--only-full", action="store_true", help="train and evaluate the full model only")
     args = ap.parse_args()
     args.tower = args.tower or ("scans" if args.video else "distorted-counts")
-    if args.cls_saliency is None:
-        args.cls_saliency = not args.video
     if args.count_steps is None:
         args.count_steps = 0 if args.video else 2000
     if args.count_steps < 0:

@@ -142,7 +142,7 @@ def test_tower_saliency_trains_the_scores_stage1_ranks_by(table, tiny):
         stage1 = adapter.vision_layer(pixels, need_scores=True)
     heads = adapter.tower.encoder.layers[adapter.feature_layer_index].self_attn.num_heads
     torch.testing.assert_close(attention, stage1.cls_attention / heads)
-    torch.testing.assert_close(features, adapter.uncompressed_tokens(stage1.hidden))
+    torch.testing.assert_close(features, stage1.hidden[:, 1:])
     target = torch.full_like(attention, 10, dtype=torch.long)
     target[:, :4] = 3  # four digit patches
     table._saliency_loss(attention, target).backward()
