@@ -30,7 +30,15 @@ from duet_export.inputs import encode_prompts, placeholders_per_image
 from duet_export.loading import LoadedModel, load_visual
 from duet_export.prompts import encode_follow_up
 
-__all__ = ["PARTS", "TrainResult", "TrainSettings", "VQACollator", "parse_parts", "train"]
+__all__ = [
+    "PARTS",
+    "TrainResult",
+    "TrainSettings",
+    "VQACollator",
+    "parse_parts",
+    "squeezed_positions",
+    "train",
+]
 
 PARTS = ("vision", "projector", "llm")
 
