@@ -273,8 +273,8 @@ def train(
     collator = VQACollator(loaded, enabled, settings.position_squeeze)  # checks the squeeze before any work
     model = loaded.model
     trainable = _freeze(loaded, settings.train)
-    if config is not None and config.enabled:
-        compress(model, config)
+    if enabled is not None:
+        compress(model, enabled)
     else:
         decompress(model)
     echo(
