@@ -48,7 +48,6 @@ from duet_export.inputs import prepare_inputs
 from duet_export.loading import load, load_image, load_visual
 from duet_export.prompts import image_pixels
 from duet_export.stages.budget import report, resolve_budget
-from duet_export.stages.v2v import cls_attention_and_keys
 from duet_export.tiny import TinyLlavaSpec, build_tiny_llava, build_tiny_video_llava
 from duet_export.training import TrainSettings, parse_parts, train
 
@@ -120,24 +119,12 @@ def _tower_outputs(adapter, pixels: torch.Tensor, saliency: bool = False):
     """The feature layer's output for every patch (CLS dropped: what the patch labels are about) and, with
     `saliency`, the CLS attention over the patches that Stage 1 ranks them by (`adapter.vision_layer`'s
     scores, mean over heads), here with gradients; else None."""
-    layer = adapter.tower.encoder.layers[adapter.feature_layer_index]
-    seen = {}
-
-    def keep_input(module, args) -> None:  # returning anything else would replace the layer's arguments
-        seen["input"] = args[0]
-
-    hook = layer.register_forward_pre_hook(keep_input)
-    try:
-        features = adapter.vision_layer(pixels, need_scores=False).hidden[:, 1:]  # CLS dropped, as labelled
-    finally:
-        hook.remove()
+    out = adapter.vision_layer(pixels, need_scores=saliency, score_grad=saliency)
+    features = out.hidden[:, 1:]  # CLS dropped, as labelled
     if not saliency:
         return features, None
-    attn = layer.self_attn
-    scores, _ = cls_attention_and_keys(
-        layer.layer_norm1(seen["input"]), attn.q_proj, attn.k_proj, attn.num_heads, attn.scale
-    )
-    return features, scores / attn.num_heads
+    heads = adapter.tower.encoder.layers[adapter.feature_layer_index].self_attn.num_heads
+    return features, out.cls_attention / heads
 
 
 def _saliency_loss(

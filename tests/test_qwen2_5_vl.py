@@ -115,6 +115,13 @@ def test_vision_tower_matches_stock_and_scores_received_attention(qwen_dir):
     assert out.cls_attention.shape == (2, N)
     torch.testing.assert_close(out.cls_attention.sum(dim=1), torch.full((2,), 256 / 4), atol=1e-3, rtol=0)
     assert out.keys.shape[:2] == (2, N + 1)
+    # Gradients reach the scores only when asked for (a loss on them); compression ranks without them.
+    assert not loaded.adapter.vision_layer(
+        inputs["pixel_values"], need_scores=True
+    ).cls_attention.requires_grad
+    asked = loaded.adapter.vision_layer(inputs["pixel_values"], need_scores=True, score_grad=True)
+    assert asked.cls_attention.requires_grad
+    torch.testing.assert_close(asked.cls_attention.detach(), out.cls_attention)
 
 
 def test_identity_at_full_budget_against_stock_generate(qwen_dir):

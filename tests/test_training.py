@@ -138,11 +138,11 @@ def test_tower_saliency_trains_the_scores_stage1_ranks_by(table, tiny):
     adapter = tiny.adapter
     pixels = torch.randn(2, 3, adapter.image_size, adapter.image_size)
     features, attention = table._tower_outputs(adapter, pixels, saliency=True)
-    with torch.no_grad():
-        stage1 = adapter.vision_layer(pixels, need_scores=True)
+    stage1 = adapter.vision_layer(pixels, need_scores=True)  # as compression calls it: scores only rank
+    assert attention.requires_grad and not stage1.cls_attention.requires_grad
     heads = adapter.tower.encoder.layers[adapter.feature_layer_index].self_attn.num_heads
     torch.testing.assert_close(attention, stage1.cls_attention / heads)
-    torch.testing.assert_close(features, stage1.hidden[:, 1:])
+    torch.testing.assert_close(features.detach(), stage1.hidden[:, 1:].detach())
     target = torch.full_like(attention, 10, dtype=torch.long)
     target[:, :4] = 3  # four digit patches
     table._saliency_loss(attention, target).backward()

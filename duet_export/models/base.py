@@ -113,7 +113,12 @@ class Adapter(ABC):
         return {"pixel_values": pixels}
 
     @abstractmethod
-    def vision_layer(self, pixel_values: torch.Tensor, need_scores: bool) -> VisionLayerOutput: ...
+    def vision_layer(
+        self, pixel_values: torch.Tensor, need_scores: bool, score_grad: bool = False
+    ) -> VisionLayerOutput:
+        """The tower up to and including the layer the projector reads, with Stage 1's scores and keys if
+        `need_scores`. The scores only rank patches, so they are computed without gradients unless
+        `score_grad` (for a loss on the scores themselves, such as the accuracy table's `--cls-saliency`)."""
 
     @abstractmethod
     def project(self, tokens: torch.Tensor) -> torch.Tensor: ...

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -57,7 +59,9 @@ class LlavaAdapter(Adapter):
         return self.num_patches + (1 if self.select_strategy == "full" else 0)
 
     # ------------------------------------------------------------------ vision side
-    def vision_layer(self, pixel_values: torch.Tensor, need_scores: bool) -> VisionLayerOutput:
+    def vision_layer(
+        self, pixel_values: torch.Tensor, need_scores: bool, score_grad: bool = False
+    ) -> VisionLayerOutput:
         tower = self.tower
         hidden = tower.embeddings(pixel_values.to(dtype=tower.embeddings.patch_embedding.weight.dtype))
         hidden = tower.pre_layrnorm(hidden)
@@ -68,7 +72,7 @@ class LlavaAdapter(Adapter):
         cls_attention = keys = None
         if need_scores:
             attn = last.self_attn
-            with torch.no_grad():
+            with nullcontext() if score_grad else torch.no_grad():
                 cls_attention, keys = cls_attention_and_keys(
                     last.layer_norm1(hidden), attn.q_proj, attn.k_proj, attn.num_heads, attn.scale
                 )

@@ -20,6 +20,7 @@ What differs from LLaVA, following the reference (`qwen2_5_vl/modeling_qwen2_5vl
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import ClassVar
 
 import torch
@@ -180,7 +181,9 @@ class Qwen2_5_VLAdapter(Adapter):
             )
 
     # ------------------------------------------------------------------ vision side
-    def vision_layer(self, pixel_values: torch.Tensor, need_scores: bool) -> VisionLayerOutput:
+    def vision_layer(
+        self, pixel_values: torch.Tensor, need_scores: bool, score_grad: bool = False
+    ) -> VisionLayerOutput:
         """The stock tower's computation on the fixed grid (same modules, same order), plus Stage 1's scores
         and keys from the last block. `hidden` is the merger's output with a zero "CLS" row in front."""
         tower = self.tower
@@ -208,7 +211,7 @@ class Qwen2_5_VLAdapter(Adapter):
         for i, block in enumerate(tower.blocks):
             is_full = i in tower.fullatt_block_indexes
             if i == last and need_scores:
-                with torch.no_grad():
+                with nullcontext() if score_grad else torch.no_grad():
                     scores, keys = self._received_attention(block, x, (cos, sin), n, is_full)
             if static:  # the stock attention splits by `cu_seqlens.tolist()`: data-dependent in a graph
                 x = self._static_block(block, x, (cos, sin), [s] * n if is_full else self.window_lengths * n)
