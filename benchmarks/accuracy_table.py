@@ -379,8 +379,9 @@ def trained_full_model(
     when there is none. An argument the earlier run did not have yet counts as its default (`defaults`)."""
     try:
         earlier = json.loads((out / "results.json").read_text())
-        # the full model is the same whatever comes after it: rows, or more steps on count questions
-        after = ("only_full", "count_steps")
+        # the full model is the same whatever comes after it (rows, or more steps on count questions) and
+        # wherever the folder is now (copied, say, to try other count steps beside the first run's results)
+        after = ("out", "only_full", "count_steps")
         now = recorded_args(args)
         same = {k: earlier["args"].get(k, defaults.get(k)) for k in now if k not in after} == {
             k: v for k, v in now.items() if k not in after

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -166,6 +166,27 @@ def test_table_defaults_follow_video(table):
     assert table.parse_args(["--video", "--no-cls-saliency"])[0].cls_saliency is False
     assert table.parse_args(["--cls-saliency"])[0].cls_saliency is True
     assert defaults["cls_saliency"] is False
+
+
+def test_table_reuses_a_full_model_wherever_its_folder_now_is(table, tmp_path):
+    """An earlier run's full model is reused when every argument that shapes it matches — not the folder's
+    path (a copied run reuses it too), not the count steps — and only then."""
+    earlier, defaults = table.parse_args(["--out", str(tmp_path / "first"), "--only-full"])
+    (tmp_path / "copy" / "full").mkdir(parents=True)
+    (tmp_path / "copy" / "full" / "model.safetensors").write_bytes(b"")
+    record = {
+        "rows": [{"median_step_seconds": 0.25}],
+        "args": table.recorded_args(earlier),
+        "model": asdict(table.MODEL),
+    }
+    (tmp_path / "copy" / "results.json").write_text(json.dumps(record))
+
+    def reused(*argv: str) -> float | None:
+        args, _ = table.parse_args(["--out", str(tmp_path / "copy"), *argv])
+        return table.trained_full_model(tmp_path / "copy", args, table.MODEL, defaults)
+
+    assert reused() == 0.25 and reused("--count-steps", "500") == 0.25
+    assert reused("--learning-rate", "1e-3") is None and reused("--cls-saliency") is None
 
 
 @pytest.fixture(scope="module")
