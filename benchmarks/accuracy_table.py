@@ -22,7 +22,7 @@ the forward pass. Writes table.md, accuracy.png, results.json and every setting'
 `--video` runs the same recipe on clips (a tiny Video-LLaVA, 4 frames of 2x2 grids at 64 px, N = 4 x 64 =
 256 patches) at the paper's video reductions, ~53 % and ~93 % (960 and 136 of 2048), with the tower
 pre-trained on the training frames (`--tower scans`), which measured better there, and with
-`--cls-saliency` (full model 67.2 % against 57.5 % without; for images it cost 94.0 -> 85.0 %, so it is off
+`--cls-saliency` (full model 64.5 % against 57.5 % without; for images it cost 94.0 -> 85.0 %, so it is off
 there).
 
     .venv/bin/python benchmarks/accuracy_table.py --out results/accuracy          # ~56 min on 2 cores
@@ -479,7 +479,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
         action=argparse.BooleanOptionalAction,
         help="also train the tower's CLS attention, which Stage 1 ranks patches by, to fall evenly on "
         "the digits, as a pretrained CLIP's falls on content (README item 9; the default with --video, "
-        "where the full model gained 57.5 -> 67.2 %%, not for images, where it lost 94.0 -> 85.0 %%)",
+        "where the full model gained 57.5 -> 64.5 %%, not for images, where it lost 94.0 -> 85.0 %%)",
     )
     recipe.add_argument("--only-full", action="store_true", help="train and evaluate the full model only")
     args = ap.parse_args(argv)
