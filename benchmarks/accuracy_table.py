@@ -399,8 +399,8 @@ def trained_full_model(
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
-    """The run's arguments with the defaults that depend on --video resolved, and the arguments a run from
-    before any of today's flags counts as having had (for reusing its full model). Bad values exit 2."""
+    """The run's arguments with the defaults that depend on --video resolved, and the values to assume for
+    an argument an earlier run's results.json lacks (for reusing its full model). Bad values exit 2."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("results/accuracy"))
     ap.add_argument("--quick", action="store_true", help="tiny data and few steps: checks the pipeline only")
