@@ -381,10 +381,10 @@ def trained_full_model(
         earlier = json.loads((out / "results.json").read_text())
         # the full model is the same whatever comes after it (rows, or more steps on count questions) and
         # wherever the folder is now (copied, say, to try other count steps beside the first run's results)
-        after = ("out", "only_full", "count_steps")
+        not_shaping = ("out", "only_full", "count_steps")
         now = recorded_args(args)
-        same = {k: earlier["args"].get(k, defaults.get(k)) for k in now if k not in after} == {
-            k: v for k, v in now.items() if k not in after
+        same = {k: earlier["args"].get(k, defaults.get(k)) for k in now if k not in not_shaping} == {
+            k: v for k, v in now.items() if k not in not_shaping
         }
         full = earlier["rows"][0]
     except (OSError, ValueError, KeyError, IndexError):
