@@ -2,13 +2,13 @@
 
 Trains a small LLaVA-style model from scratch (CLIP-like tower on 128x128 images, patch 8 -> N = 256
 patches, an 8-layer Llama-like decoder) on GridDigits-VQA, following LLaVA's recipe: the vision tower is
-pre-trained first (here, since no CLIP may be downloaded, for 4,000 steps: naming each patch of fresh grids
+pre-trained first (here, since no CLIP may be downloaded, for 3,500 steps: naming each patch of fresh grids
 of randomly distorted training scans as a digit or background, and labelling each digit's patch with how
 many cells of its image show that digit; `--tower distorted` without the count, `distorted-positions` with
 each patch's row and column instead, `distorted-counts-positions` with both, `scans` on the training images
 themselves; `--cls-saliency` also teaches the CLS attention that Stage 1 ranks patches by to fall on the
 digits, as a pretrained CLIP's falls on content), then projector + LLM learn
-the questions with the tower frozen (5,000 steps), then 2,000 more steps on training images that each ask
+the questions with the tower frozen (3,500 steps), then 2,000 more steps on training images that each ask
 three count questions (`--count-steps`): without those the decoder answers every count of 2-4 with "1". It then
 evaluates side by side at ~67 % and ~89 % visual-token reduction (the paper's 192 and 64 of 576, scaled
 to N):
@@ -21,11 +21,12 @@ the forward pass. Writes table.md, accuracy.png, results.json and every setting'
 
 `--video` runs the same recipe on clips (a tiny Video-LLaVA, 4 frames of 2x2 grids at 64 px, N = 4 x 64 =
 256 patches) at the paper's video reductions, ~53 % and ~93 % (960 and 136 of 2048), with the tower
-pre-trained on the training frames (`--tower scans`), which measured better there, and with
+pre-trained on the training frames (`--tower scans`), which measured better there, 5,000 decoder steps and no
+count steps, and with
 `--cls-saliency` (full model 64.5 % against 57.5 % without; for images it cost 94.0 -> 85.0 %, so it is off
 there).
 
-    .venv/bin/python benchmarks/accuracy_table.py --out results/accuracy          # ~56 min on 2 cores
+    .venv/bin/python benchmarks/accuracy_table.py --out results/accuracy          # ~46 min on 2 cores
     .venv/bin/python benchmarks/accuracy_table.py --out results/video --video
     .venv/bin/python benchmarks/accuracy_table.py --out /tmp/acc --quick          # smoke test, < 1 min
 """
@@ -379,9 +380,9 @@ def trained_full_model(
     when there is none. An argument the earlier run did not have yet counts as its default (`defaults`)."""
     try:
         earlier = json.loads((out / "results.json").read_text())
-        # the full model is the same whatever comes after it (rows, or more steps on count questions) and
+        # the full model is the same whatever comes after it (rows, steps on count questions, fine-tunes) and
         # wherever the folder is now (copied, say, to try other count steps beside the first run's results)
-        not_shaping = ("out", "only_full", "count_steps")
+        not_shaping = ("out", "only_full", "count_steps", "finetune_steps")
         now = recorded_args(args)
         same = {k: earlier["args"].get(k, defaults.get(k)) for k in now if k not in not_shaping} == {
             k: v for k, v in now.items() if k not in not_shaping
@@ -407,13 +408,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
     ap.add_argument(
         "--video", action="store_true", help="clips and a tiny Video-LLaVA, at the video reductions"
     )
-    ap.add_argument("--steps", type=int, default=5000, help="training steps of the full model")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        help="training steps of the full model (default 3500 for images, 5000 with --video)",
+    )
     ap.add_argument("--finetune-steps", type=int, default=600, help="steps of training with compression")
     ap.add_argument(
         "--vision-steps",
         type=int,
-        help="steps of the tower's pre-training (4000 with --tower distorted-counts, 1000 with the other "
-        "distorted towers, 300 with scans)",
+        help="steps of the tower's pre-training (default 3500 with a counting tower, distorted-counts or "
+        "distorted-counts-positions; 1000 with the other distorted towers; 300 with scans)",
     )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--train-images", type=int, default=6000)
@@ -484,12 +489,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
     recipe.add_argument("--only-full", action="store_true", help="train and evaluate the full model only")
     args = ap.parse_args(argv)
     args.tower = args.tower or ("scans" if args.video else "distorted-counts")
+    if args.steps is None:
+        args.steps = 5000 if args.video else 3500
+    if args.vision_steps is None:
+        args.vision_steps = 300 if args.tower == "scans" else 3500 if "counts" in args.tower else 1000
     if args.cls_saliency is None:
         args.cls_saliency = args.video
     if args.count_steps is None:
         args.count_steps = 0 if args.video else 2000
-    if args.count_steps < 0:
-        ap.error(f"--count-steps must be at least 0, got {args.count_steps}")
+    for name, value, least in (
+        ("steps", args.steps, 1),
+        ("finetune-steps", args.finetune_steps, 1),
+        ("vision-steps", args.vision_steps, 0),
+        ("count-steps", args.count_steps, 0),
+    ):
+        if value < least:
+            ap.error(f"--{name} must be at least {least}, got {value}")
     if not 0 <= args.position_squeeze < 1:
         ap.error(f"--position-squeeze must be in [0, 1), got {args.position_squeeze}")
     layers = MODEL.vision_layers  # the video model's too
@@ -546,14 +561,13 @@ def main() -> None:
         else:
             build_tiny_llava(base, model_spec)
         if args.tower == "scans":
-            pretrain_vision(base, data, args.vision_steps or 300, 32, args.seed, saliency=args.cls_saliency)
+            pretrain_vision(base, data, args.vision_steps, 32, args.seed, saliency=args.cls_saliency)
         else:
             counts, positions = "counts" in args.tower, "positions" in args.tower
-            steps = args.vision_steps or (4000 if counts else 1000)
             pretrain_vision_distorted(
                 base,
                 data,
-                steps,
+                args.vision_steps,
                 32,
                 args.seed,
                 positions=positions,

@@ -158,11 +158,15 @@ def test_tower_saliency_trains_the_scores_stage1_ranks_by(table, tiny):
 def test_table_defaults_follow_video(table):
     """`--video` defaults to the scans tower with `--cls-saliency` (full model 57.5 -> 64.5 %), images to the
     counting tower without it (94.0 -> 85.0 %); either can be switched; a run from before the flag counts
-    as one without it, so its full model is not taken for a saliency one."""
+    as one without it, so its full model is not taken for a saliency one. Step counts follow the tower and
+    the media (images: 3,500 + 3,500 + 2,000, the ~46-minute recipe)."""
     image, defaults = table.parse_args([])
     video, _ = table.parse_args(["--video"])
     assert (image.tower, image.cls_saliency, image.count_steps) == ("distorted-counts", False, 2000)
+    assert (image.vision_steps, image.steps) == (3500, 3500)
     assert (video.tower, video.cls_saliency, video.count_steps) == ("scans", True, 0)
+    assert (video.vision_steps, video.steps) == (300, 5000)
+    assert table.parse_args(["--tower", "distorted"])[0].vision_steps == 1000
     assert table.parse_args(["--video", "--no-cls-saliency"])[0].cls_saliency is False
     assert table.parse_args(["--cls-saliency"])[0].cls_saliency is True
     assert defaults["cls_saliency"] is False
@@ -170,7 +174,7 @@ def test_table_defaults_follow_video(table):
 
 def test_table_reuses_a_full_model_wherever_its_folder_now_is(table, tmp_path):
     """An earlier run's full model is reused when every argument that shapes it matches — not the folder's
-    path (a copied run reuses it too), not the count steps — and only then."""
+    path (a copied run reuses it too), not the count steps or the fine-tunes' — and only then."""
     earlier, defaults = table.parse_args(["--out", str(tmp_path / "first"), "--only-full"])
     (tmp_path / "copy" / "full").mkdir(parents=True)
     (tmp_path / "copy" / "full" / "model.safetensors").write_bytes(b"")
@@ -185,8 +189,19 @@ def test_table_reuses_a_full_model_wherever_its_folder_now_is(table, tmp_path):
         args, _ = table.parse_args(["--out", str(tmp_path / "copy"), *argv])
         return table.trained_full_model(tmp_path / "copy", args, table.MODEL, defaults)
 
-    assert reused() == 0.25 and reused("--count-steps", "500") == 0.25
+    assert reused() == 0.25 and reused("--count-steps", "500", "--finetune-steps", "3000") == 0.25
     assert reused("--learning-rate", "1e-3") is None and reused("--cls-saliency") is None
+    assert reused("--steps", "5000") is None and reused("--vision-steps", "4000") is None
+
+
+@pytest.mark.parametrize(
+    "argv", [["--steps", "0"], ["--finetune-steps", "0"], ["--vision-steps", "-1"], ["--count-steps", "-1"]]
+)
+def test_table_refuses_bad_step_counts(table, argv, capsys):
+    """A step count out of range stops the run before it builds anything, with one line naming the flag."""
+    with pytest.raises(SystemExit) as stop:
+        table.parse_args(argv)
+    assert stop.value.code == 2 and f"{argv[0]} must be at least" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
