@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
-    CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -282,7 +281,10 @@ def build_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec | None = No
     out = Path(out_dir)
     words = tiny_vocabulary()
     tokenizer = build_word_tokenizer(words)
-    image_processor = CLIPImageProcessor(
+    # the PIL processor by name: CLIPImageProcessor itself falls back to it without torchvision, with a warning
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
     )
