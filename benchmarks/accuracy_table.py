@@ -480,6 +480,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
         "of their span (TrainSettings.position_squeeze), so that cells are not read by sequence place",
     )
     recipe.add_argument(
+        "--squeeze-only-counts",
+        action="store_true",
+        help="--position-squeeze in the count steps only: the full model learns the questions with sequence "
+        "place to help, the count steps go on without it",
+    )
+    recipe.add_argument(
         "--cls-saliency",
         action=argparse.BooleanOptionalAction,
         help="also train the tower's CLS attention, which Stage 1 ranks patches by, to fall evenly on "
@@ -507,6 +513,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
             ap.error(f"--{name} must be at least {least}, got {value}")
     if not 0 <= args.position_squeeze < 1:
         ap.error(f"--position-squeeze must be in [0, 1), got {args.position_squeeze}")
+    if args.squeeze_only_counts and not (args.position_squeeze and args.count_steps):
+        ap.error("--squeeze-only-counts needs --position-squeeze and count steps")
     layers = MODEL.vision_layers  # the video model's too
     if args.feature_layer is not None and not -layers - 1 <= args.feature_layer <= layers:
         ap.error(f"--feature-layer: the tower has {layers} layers, got {args.feature_layer}")
@@ -579,7 +587,7 @@ def main() -> None:
     settings = TrainSettings(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         warmup_steps=min(100, args.steps // 10), train=parts, save_steps=10**9, seed=args.seed, log_steps=max(1, args.steps // 30),
-        position_squeeze=args.position_squeeze,
+        position_squeeze=0.0 if args.squeeze_only_counts else args.position_squeeze,
     )  # fmt: skip
     full_step = trained_full_model(out, args, model_spec, defaults)
     if full_step is None:
@@ -587,7 +595,8 @@ def main() -> None:
     else:
         print(f"reusing the full model in {full_dir} (trained by an earlier run with these arguments)")
     if args.count_steps:
-        examples, full_dir = count_training(out, data, full_dir, settings, args.count_steps)
+        counting = replace(settings, position_squeeze=args.position_squeeze)
+        examples, full_dir = count_training(out, data, full_dir, counting, args.count_steps)
     loaded = load(full_dir)
     geometry = loaded.adapter.geometry()
     n = geometry.total_patches

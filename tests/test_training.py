@@ -204,6 +204,19 @@ def test_table_refuses_bad_step_counts(table, argv, capsys):
     assert stop.value.code == 2 and f"{argv[0]} must be at least" in capsys.readouterr().err
 
 
+def test_table_squeezes_only_the_count_steps_when_asked(table, capsys):
+    """`--squeeze-only-counts` needs a squeeze and count steps to apply it to."""
+    for argv in (
+        ["--squeeze-only-counts"],
+        ["--squeeze-only-counts", "--position-squeeze", "0.5", "--count-steps", "0"],
+    ):
+        with pytest.raises(SystemExit):
+            table.parse_args(argv)
+        assert "--squeeze-only-counts needs" in capsys.readouterr().err
+    args, _ = table.parse_args(["--squeeze-only-counts", "--position-squeeze", "0.5"])
+    assert args.squeeze_only_counts and args.count_steps == 2000
+
+
 @pytest.fixture(scope="module")
 def conversation_grid(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "conversations"
