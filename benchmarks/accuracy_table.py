@@ -22,9 +22,8 @@ the forward pass. Writes table.md, accuracy.png, results.json and every setting'
 `--video` runs the same recipe on clips (a tiny Video-LLaVA, 4 frames of 2x2 grids at 64 px, N = 4 x 64 =
 256 patches) at the paper's video reductions, ~53 % and ~93 % (960 and 136 of 2048), with the tower
 pre-trained on the training frames (`--tower scans`), which measured better there, 5,000 decoder steps and no
-count steps, and with
-`--cls-saliency` (full model 64.5 % against 57.5 % without; for images it cost 94.0 -> 85.0 %, so it is off
-there).
+count steps, and with `--cls-saliency` (full model 64.5 % against 57.5 % without; for images it cost
+94.0 -> 85.0 %, so it is off there).
 
     .venv/bin/python benchmarks/accuracy_table.py --out results/accuracy          # ~46 min on 2 cores
     .venv/bin/python benchmarks/accuracy_table.py --out results/video --video
