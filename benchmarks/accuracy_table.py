@@ -587,6 +587,7 @@ def main() -> None:
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         warmup_steps=min(100, args.steps // 10), train=parts, save_steps=10**9, seed=args.seed, log_steps=max(1, args.steps // 30),
         position_squeeze=0.0 if args.squeeze_only_counts else args.position_squeeze,
+        force=True,  # a full model not reused above is this run's own output: trained again
     )  # fmt: skip
     full_step = trained_full_model(out, args, model_spec, defaults)
     if full_step is None:

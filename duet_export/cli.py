@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -25,6 +26,16 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
+def _note(message: str) -> None:
+    click.echo(f"note: {message}", err=True)
+
+
+def _force_option(what: str):
+    return click.option(
+        "--force", is_flag=True, help=f"Replace an earlier {what} of duet-export's in the output folder."
+    )
+
+
 def _load(model_dir: str, device: str = "cpu"):
     from duet_export.loading import load
 
@@ -32,13 +43,18 @@ def _load(model_dir: str, device: str = "cpu"):
 
 
 class _Group(click.Group):
-    """A click group that turns `DuetError` (bad input) into one line on stderr and exit code 2."""
+    """A click group that turns bad input — a `DuetError`, or an option click cannot parse — into one line
+    on stderr and exit code 2."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except DuetError as e:
             click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
             ctx.exit(e.exit_code)
 
 
@@ -57,8 +73,12 @@ def cli() -> None:
 def demo(workdir: str, budget: float | None) -> None:
     """Build a tiny LLaVA, compress it and answer a prompt, with and without DUET."""
     from duet_export.demo import run_demo
+    from duet_export.outputs import DEMO, work_folder
 
-    run_demo(Path(workdir), budget=budget, echo=click.echo)
+    if budget is not None and budget <= 0:
+        raise DuetError("--budget must be a positive number of visual tokens")
+    with work_folder(workdir, DEMO) as (folder, _):
+        run_demo(folder, budget=budget, echo=click.echo)
 
 
 @cli.command("compress")
@@ -97,14 +117,17 @@ def compress_cmd(
     **opts,
 ) -> None:
     """Resolve a budget for MODEL_DIR, report it, and optionally answer a prompt with compression on."""
-    from duet_export.atomic import atomic_file
     from duet_export.compression import compress
     from duet_export.generate import GenerationSettings, generate_answers
     from duet_export.loading import load_visual
+    from duet_export.outputs import atomic_file, check_output_file
     from duet_export.stages.budget import report
 
     if (image is None) != (prompt is None):
         raise DuetError("give --image and --prompt together")
+    settings = GenerationSettings(max_new_tokens, sample, temperature, 0, top_p, seed).validate()
+    if save_config:
+        check_output_file(save_config, inputs=[model_dir, image, opts.get("config_file")])
     loaded = _load(model_dir, device)
     config = config_from_options(loaded.adapter, **opts)
     rep = report(config, loaded.adapter.geometry())
@@ -115,8 +138,7 @@ def compress_cmd(
     if image is not None:
         img = load_visual(image, loaded.adapter)
         compress(loaded.model, config)
-        settings = GenerationSettings(max_new_tokens, sample, temperature, 0, top_p, seed)
-        answer = generate_answers(loaded, [img], [prompt], settings, raw=raw)[0]
+        answer = generate_answers(loaded, [img], [prompt], settings, raw=raw, on_note=_note)[0]
         click.echo(
             f"prompt tokens: {answer.prompt_tokens}, new tokens: {len(answer.token_ids)}, {answer.seconds:.2f} s"
         )
@@ -140,8 +162,11 @@ def inspect_cmd(model_dir, image, prompt, raw, as_json, overlay, device, **opts)
     """Show which patches Stage 1 kept and which tokens each Stage-2 drop layer kept, for one image."""
     from duet_export.inspection import inspect_prompt
     from duet_export.loading import load_visual
+    from duet_export.outputs import check_output_file
     from duet_export.overlay import write_overlay
 
+    if overlay:
+        check_output_file(overlay, inputs=[model_dir, image, opts.get("config_file")])
     loaded = _load(model_dir, device)
     img = load_visual(image, loaded.adapter)
     config = config_from_options(loaded.adapter, **opts)
@@ -199,16 +224,21 @@ def _visual_tokens(image: dict) -> str:
 @click.option("--max-prompt", type=int, default=64, show_default=True, help="Text tokens a prompt may take.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Cache room for new tokens.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Prompts per run (fixed).")
-def export_cmd(model_dir, out_dir, no_compress, target, max_prompt, max_new_tokens, batch, **opts) -> None:
+@_force_option("bundle")
+def export_cmd(
+    model_dir, out_dir, no_compress, target, max_prompt, max_new_tokens, batch, force, **opts
+) -> None:
     """Compile MODEL_DIR with a fixed budget into an onnxruntime bundle in OUT_DIR."""
     from duet_export.export.bundle import ExportOptions, export_bundle
+    from duet_export.outputs import BUNDLE, check_output_folder
 
     options = ExportOptions(
         target=target, max_prompt=max_prompt, max_new_tokens=max_new_tokens, batch=batch
     ).validate()
+    check_output_folder(out_dir, BUNDLE, inputs=[model_dir, opts.get("config_file")], force=force)
     loaded = _load(model_dir)
     config = config_or_baseline(loaded.adapter, no_compress, **opts)
-    manifest = export_bundle(loaded, out_dir, config, options, echo=click.echo)
+    manifest = export_bundle(loaded, out_dir, config, options, echo=click.echo, force=force)
     budget = manifest["budget"]
     click.echo(
         f"bundle written to {out_dir}: target {target}, {_visual_tokens(manifest['image'])} visual tokens "
@@ -220,7 +250,7 @@ def _generation_options(func):
     for option in reversed(
         [
             click.option(
-                "--max-new-tokens", type=int, help="At most the bundle's --max-new-tokens (default)."
+                "--max-new-tokens", type=int, help="1 to the bundle's --max-new-tokens (the default)."
             ),
             click.option("--sample", is_flag=True, help="Sample instead of greedy decoding."),
             click.option("--temperature", type=float, default=1.0, show_default=True),
@@ -283,10 +313,12 @@ def run_cmd(
         provider["cuda_graph"],
         provider["tf32"],
     )
-    vlm = OnnxVLM(
-        bundle, provider["provider"], settings, on_note=lambda m: click.echo(f"note: {m}", err=True)
-    )
-    gen = GenerationSettings(max_new_tokens or vlm.max_new_tokens, sample, temperature, top_k, top_p, seed)
+    # checked before the bundle is opened; the bundle's own maximum is the default
+    given = 1 if max_new_tokens is None else max_new_tokens
+    gen = GenerationSettings(given, sample, temperature, top_k, top_p, seed).validate()
+    vlm = OnnxVLM(bundle, provider["provider"], settings, on_note=_note)
+    if max_new_tokens is None:
+        gen = replace(gen, max_new_tokens=vlm.max_new_tokens)
     answer = vlm.generate([image], [prompt], gen, raw=raw)[0]
     click.echo(
         f"{vlm.bundle.provider}: prompt tokens {answer.prompt_tokens}, new tokens {len(answer.token_ids)}, "
@@ -366,19 +398,23 @@ def data_group() -> None:
 @click.option(
     "--locate", is_flag=True, help='Training images also ask "Which cells show a 7?" about a digit they show.'
 )
+@_force_option("dataset")
 def griddigits_cmd(
-    out_dir, train_images, test_images, rows, cols, frames, seed, conversations, augment, train_counts, locate
-) -> None:
+    out_dir, train_images, test_images, rows, cols, frames, seed, conversations, augment, train_counts, locate,
+    force,
+) -> None:  # fmt: skip
     """GridDigits-VQA from scikit-learn's handwritten digits: train.json (LLaVA format) + test.jsonl."""
     from duet_export.data.griddigits import GridSpec, build_griddigits
+    from duet_export.outputs import DATASET, check_output_folder
 
     if min(train_images, test_images, rows, cols, frames, train_counts) < 1:
         raise DuetError("image counts, rows, cols, frames and --train-counts must be at least 1")
+    check_output_folder(out_dir, DATASET, force=force)
     spec = GridSpec(
         rows=rows, cols=cols, frames=frames, train_images=train_images, test_images=test_images, seed=seed,
         conversations=conversations, augment=augment, train_counts=train_counts, locate=locate,
     )  # fmt: skip
-    build_griddigits(out_dir, spec, echo=click.echo)
+    build_griddigits(out_dir, spec, echo=click.echo, force=force)
     what = f"clips of {frames} frames of" if frames > 1 else "images of"
     click.echo(f"written to {out_dir} ({what} {spec.size[0]}x{spec.size[1]} px)")
 
@@ -419,6 +455,7 @@ def _training_data(data: str, image_folder: str | None, split_turns: bool = Fals
 @click.option("--save-steps", type=int, default=500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
+@click.option("--force", is_flag=True, help="Start over in an --output that holds an earlier run.")
 @click.option(
     "--position-squeeze",
     type=float,
@@ -429,24 +466,32 @@ def _training_data(data: str, image_folder: str | None, split_turns: bool = Fals
 )
 def train_cmd(
     model_dir, data, output, no_compress, image_folder, split_turns, steps, batch_size, lr, warmup, grad_accum,
-    parts, save_steps, seed, resume, position_squeeze, **opts,
+    parts, save_steps, seed, resume, force, position_squeeze, **opts,
 ) -> None:  # fmt: skip
     """Fine-tune MODEL_DIR on LLaVA-format DATA with DUET in the forward pass (HF Trainer)."""
     from duet_export.training import TrainSettings, parse_parts, train
+    from duet_export.training_output import check_training_output
 
+    if min(steps, batch_size, grad_accum, save_steps) < 1 or warmup < 0:
+        raise DuetError(
+            "--steps, --batch-size, --grad-accum and --save-steps must be at least 1, --warmup 0 or more"
+        )
+    inputs = [model_dir, data, image_folder, opts.get("config_file")]
+    check_training_output(output, resume=resume, force=force, inputs=inputs)
     examples = _training_data(data, image_folder, split_turns)
     loaded = _load(model_dir)
     config = config_or_baseline(loaded.adapter, no_compress, **opts)
     chosen = parse_parts(parts)
     settings = TrainSettings(
         steps=steps, batch_size=batch_size, learning_rate=lr, warmup_steps=warmup, train=chosen,
-        save_steps=save_steps, seed=seed, grad_accum=grad_accum, resume=resume, position_squeeze=position_squeeze,
+        save_steps=save_steps, seed=seed, grad_accum=grad_accum, resume=resume, force=force,
+        position_squeeze=position_squeeze,
     )  # fmt: skip
     result = train(loaded, examples, output, config, settings, echo=click.echo)
     click.echo(
         f"trained {result.steps} steps on {len(examples)} examples: final loss "
-        f"{result.losses[-1] if result.losses else float('nan'):.4f}, median step {result.median_step_seconds:.3f} s; "
-        f"checkpoint in {output}"
+        f"{f'{result.losses[-1]:.4f}' if result.losses else 'n/a (no step ran)'}, "
+        f"median step {result.median_step_seconds:.3f} s; checkpoint in {output}"
     )
 
 
@@ -476,7 +521,12 @@ def eval_cmd(
     """Accuracy of a checkpoint (with a budget) or of an ONNX bundle on JSONL questions."""
     from duet_export.data.records import read_questions, write_answers
     from duet_export.evaluation import evaluate
+    from duet_export.outputs import check_output_file
 
+    if batch_size < 1 or max_new_tokens < 1:
+        raise DuetError("--batch-size and --max-new-tokens must be at least 1")
+    if answers:
+        check_output_file(answers, inputs=[target, questions, image_folder, opts.get("config_file")])
     qs = read_questions(questions, image_folder)
     budget_given = any(
         v not in (None, ()) for k, v in opts.items() if k in ("budget", "dominant", "drop_layers")
@@ -534,6 +584,7 @@ def bench_cmd(
     """Speed, memory and FLOPs of compressed bundles against the full model, side by side."""
     from duet_export.bench.report import format_report, plot_report
     from duet_export.bench.run import BenchSettings, check_source, run_bench
+    from duet_export.outputs import BENCH, atomic_file, work_folder
 
     if (model_dir is None) == (shape is None):
         raise DuetError("give MODEL_DIR or --shape (e.g. --shape llava-1.5-mini)")
@@ -541,16 +592,20 @@ def bench_cmd(
     check_source(source)
     if repeats < 1 or warmup < 0 or decode_tokens < 1 or prompt_tokens < 1:
         raise DuetError("--repeats, --decode-tokens and --prompt-tokens must be at least 1")
+    if any(b <= 0 for b in budgets):
+        raise DuetError("--budget must be a positive number of visual tokens")
     settings = BenchSettings(
         budgets=tuple(budgets), repeats=repeats, warmup=warmup, decode_tokens=decode_tokens,
         prompt_tokens=prompt_tokens, provider=provider, eager=not flags["no_eager"],
         memory=not flags["no_memory"], overhead=not flags["no_overhead"], sweep=not flags["no_sweep"],
     )  # fmt: skip
-    out_dir = Path(out)
-    result = run_bench(source, out_dir, settings, echo=click.echo)
-    table = format_report(result)
-    (out_dir / "bench.md").write_text(table)
-    plot_report(result, out_dir / "bench.png")
+    with work_folder(out, BENCH, inputs=[model_dir]) as (out_dir, _):
+        result = run_bench(source, out_dir, settings, echo=click.echo)
+        table = format_report(result)
+        with atomic_file(out_dir / "bench.md") as tmp:
+            tmp.write_text(table)
+        with atomic_file(out_dir / "bench.png") as tmp:
+            plot_report(result, tmp)
     click.echo(table)
     click.echo(f"written {out_dir / 'bench.json'}, {out_dir / 'bench.md'}, {out_dir / 'bench.png'}")
 

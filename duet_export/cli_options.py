@@ -80,22 +80,25 @@ def config_from_options(
             "give --budget, the explicit knobs (--dominant ... --keep-ratios) or --config, not several"
         )
     geometry = adapter.geometry()
-    if config_file is not None:
-        path = Path(config_file)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise DuetError(f"cannot read config {path}: {e.__class__.__name__}") from None
-        return DuetConfig.from_dict(data.get("config", data)).validate(geometry)
-    if knobs:
-        return DuetConfig(
-            dominant=dominant,
-            contextual=contextual or 0,
-            cluster_width=cluster_width,
-            drop_layers=parse_list(drop_layers, int),
-            keep_ratios=parse_list(keep_ratios, float),
-            query=query,
-        ).validate(geometry)
+    if config_file is not None or knobs:
+        if config_file is not None:
+            config = _read_config_file(Path(config_file))
+        else:
+            config = DuetConfig(
+                dominant=dominant,
+                contextual=contextual or 0,
+                cluster_width=cluster_width,
+                drop_layers=parse_list(drop_layers, int),
+                keep_ratios=parse_list(keep_ratios, float),
+                query=query,
+            )
+        if not config.enabled:
+            given = f"config {config_file}" if config_file is not None else "these options"
+            raise DuetError(
+                f"{given} leave both stages off (no dominant, no drop layers): for the uncompressed "
+                "model use --no-compress"
+            )
+        return config.validate(geometry)
     if budget is None:
         budget = default_budget
     if budget is None:
@@ -103,6 +106,23 @@ def config_from_options(
             "give --budget B or the explicit knobs (--dominant, --contextual, --drop-layers, --keep-ratios)"
         )
     return resolve_budget(budget, geometry, rules=adapter.rules, cluster_width=cluster_width, query=query)
+
+
+def _read_config_file(path: Path) -> DuetConfig:
+    """A DuetConfig JSON file: the config itself, or an object holding it under "config" (as written by
+    `compress --save-config`)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DuetError(f"config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DuetError(f"cannot read config {path}: {e.__class__.__name__}") from None
+    if isinstance(data, dict) and "config" in data:
+        data = data["config"]
+    try:
+        return DuetConfig.from_dict(data)
+    except DuetError as e:
+        raise DuetError(f"config {path}: {e}") from None
 
 
 def config_or_baseline(adapter: Adapter, no_compress: bool, **opts) -> DuetConfig | None:

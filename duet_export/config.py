@@ -45,6 +45,24 @@ class Geometry:
         return self.num_patches * self.frames
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
+
+
+_FIELD_TYPES = {
+    "dominant": ("an integer or null", lambda x: x is None or _is_int(x)),
+    "contextual": ("an integer", _is_int),
+    "cluster_width": ("an integer", _is_int),
+    "drop_layers": ("a list of integers", lambda x: isinstance(x, list) and all(map(_is_int, x))),
+    "keep_ratios": ("a list of numbers", lambda x: isinstance(x, list) and all(map(_is_number, x))),
+    "query": ("a string", lambda x: isinstance(x, str)),
+}
+
+
 @dataclass(frozen=True)
 class DuetConfig:
     """Both stages' parameters. `dominant=None` turns Stage 1 off; empty `drop_layers` turns Stage 2 off."""
@@ -160,11 +178,18 @@ class DuetConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> DuetConfig:
+    def from_dict(cls, d: object) -> DuetConfig:
+        """A config from its JSON form; fields of the wrong type are one-line errors, not crashes later."""
+        if not isinstance(d, dict):
+            raise DuetError(f"a DuetConfig is a JSON object, not {json.dumps(d)[:60]}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
             raise DuetError(f"unknown DuetConfig fields: {', '.join(sorted(unknown))}")
+        for name, value in d.items():
+            kind, ok = _FIELD_TYPES[name]
+            if not ok(value):
+                raise DuetError(f"DuetConfig field {name!r} must be {kind}, got {json.dumps(value)}")
         return cls(**d)
 
     def describe(self) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from duet_export.compression import compress, decompress
 from duet_export.config import DuetConfig
 from duet_export.data.records import Question
+from duet_export.errors import DuetError
 from duet_export.generate import GenerationSettings, generate_answers
 from duet_export.loading import LoadedModel, load_visual
 from duet_export.stages.budget import report
@@ -58,6 +59,14 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "answers"}
+
+
+def _read_for(question: Question, read: Callable):
+    """The question's image or clip; a bad file's one-line error names the question's record and line."""
+    try:
+        return read(question.image)
+    except DuetError as e:
+        raise DuetError(f"{question.where or question.question_id}: {e}") from None
 
 
 def evaluate(
@@ -105,7 +114,7 @@ def evaluate(
     rows, correct, per_kind = [], 0, {}
     for first in range(0, len(questions), batch_size):
         chunk = questions[first : first + batch_size]
-        images = [read(q.image) for q in chunk]
+        images = [_read_for(q, read) for q in chunk]
         for q, a in zip(chunk, answer(images, [q.text for q in chunk]), strict=True):
             row = {"question_id": q.question_id, "text": q.text, "answer": a.text}
             kind = q.kind

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -23,11 +24,23 @@ def generate_answers(
     settings: GenerationSettings | None = None,
     *,
     raw: bool = False,
+    on_note: Callable[[str], None] | None = None,
 ) -> list[Answer]:
-    """Generate one answer per (image, prompt), batched, with the model's current compression (if any)."""
-    settings = settings or GenerationSettings()
+    """Generate one answer per (image, prompt), batched, with the model's current compression (if any).
+
+    A prompt that runs past the decoder's `max_position_embeddings` is answered with a note (`on_note`,
+    default: a warning): the model was never trained on such positions."""
+    text = loaded.adapter.text_config
+    settings = (settings or GenerationSettings()).validate(vocab_size=text.vocab_size)
     config = duet_config_of(loaded.model)
     inputs = prepare_inputs(loaded.processor, loaded.adapter, images, prompts, config, raw=raw)
+    longest = int(inputs["attention_mask"].sum(-1).max()) + settings.max_new_tokens
+    limit = getattr(text, "max_position_embeddings", None)
+    if limit is not None and longest > limit:
+        (on_note or warnings.warn)(
+            f"prompt + new tokens reach {longest} positions, past the model's max_position_embeddings "
+            f"({limit}): answers may degrade"
+        )
     device = next(loaded.model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample}

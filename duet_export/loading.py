@@ -11,10 +11,10 @@ import torch
 import transformers
 from PIL import Image
 
-from duet_export.errors import DuetError
-from duet_export.images import open_image
+from duet_export.errors import DuetError, one_line
+from duet_export.images import open_rgb_image
 from duet_export.models import ADAPTERS, Adapter, family_of_config
-from duet_export.processors import load_processor
+from duet_export.processors import load_processor, refuse_custom_code
 from duet_export.video import open_clip
 
 __all__ = ["LoadedModel", "load", "load_image", "load_visual"]
@@ -57,17 +57,20 @@ def load(
         supported = ", ".join(c for a in ADAPTERS for c in a.model_classes)
         found = ", ".join(cfg.get("architectures") or []) or cfg.get("model_type", "unknown")
         raise DuetError(f"{path} holds a {found} checkpoint; supported: {supported}")
+    refuse_custom_code(path)
     model_cls = getattr(transformers, family.model_classes[0])
     try:
-        model = model_cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        model = model_cls.from_pretrained(
+            path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False
+        )
     except Exception as e:  # corrupt weights, missing shards, incompatible config
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise DuetError(f"could not load the model in {path}: {first}") from None
+        raise DuetError(f"could not load the model in {path}: {one_line(e)}") from None
     try:
         processor = load_processor(path)
+    except DuetError:
+        raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise DuetError(f"could not load the processor in {path}: {first}") from None
+        raise DuetError(f"could not load the processor in {path}: {one_line(e)}") from None
     model.to(device).eval()
     adapter = family(model)
     adapter.attach_processor(processor)
@@ -75,8 +78,8 @@ def load(
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB, or raise a one-line `DuetError`."""
-    return open_image(path).convert("RGB")
+    """Open an image file as RGB, or raise a one-line `DuetError` (the runtime's rule: `open_rgb_image`)."""
+    return open_rgb_image(path)
 
 
 def load_visual(path: str | os.PathLike, adapter: Adapter) -> Image.Image | list[Image.Image]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from duet_export.atomic import atomic_file
+from duet_export.outputs import atomic_file
 
 __all__ = ["kept_patch_masks", "write_overlay"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from duet_export.errors import DuetError
 
-__all__ = ["FrameProcessor", "image_only_qwen2_5_vl_processor", "load_processor"]
+__all__ = ["FrameProcessor", "image_only_qwen2_5_vl_processor", "load_processor", "refuse_custom_code"]
 
 _FRAME_PROCESSORS = ("VideoLlavaProcessor",)
 _QWEN_PROCESSORS = ("Qwen2_5_VLProcessor", "ImageOnlyQwen2_5_VLProcessor")
@@ -127,22 +127,66 @@ def _chat_template(root: Path, tokenizer) -> str | None:
     return getattr(tokenizer, "chat_template", None)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+_CONFIG_FILES = (
+    "config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer_config.json",
+    "video_preprocessor_config.json",
+    "generation_config.json",
+)
+
+
+def refuse_custom_code(path: str | os.PathLike) -> None:
+    """A one-line `DuetError` naming the file when a checkpoint or bundle asks for its own Python code
+    (an `auto_map`): duet-export never runs code that came with a model. Loading passes
+    `trust_remote_code=False` too; this check says which file asked, instead of transformers' prompt."""
+    root = Path(path)
+    for name in _CONFIG_FILES:
+        file = root / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # the loader reports unreadable files
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if auto_map:
+            modules = sorted(
+                {
+                    str(v).split(".")[0] + ".py"
+                    for value in (auto_map.values() if isinstance(auto_map, dict) else [auto_map])
+                    for v in (value if isinstance(value, (list, tuple)) else [value])
+                    if v
+                }
+            )
+            raise DuetError(
+                f"{file} asks to run the model's own code ({', '.join(modules) or 'auto_map'}): duet-export "
+                "never runs code shipped with a model; remove 'auto_map' if the stock classes fit"
+            )
+
+
 def load_processor(path: str | os.PathLike):
     """The processor stored in `path`: a `FrameProcessor` for video checkpoints, the image-only processor
     for Qwen2.5-VL, else `AutoProcessor`'s.
 
-    Raises exceptions from transformers unchanged; callers turn them into one-line errors.
+    Refuses a folder whose configs ask for custom code (`refuse_custom_code`); raises exceptions from
+    transformers unchanged otherwise, and callers turn them into one-line errors.
     """
     import transformers
 
     root = Path(path)
+    refuse_custom_code(root)
+    if not any((root / name).is_file() for name in _TOKENIZER_FILES):
+        raise DuetError(f"{root} holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...)")
     cls = _processor_class(root)
     if cls in _QWEN_PROCESSORS:
-        return image_only_qwen2_5_vl_processor().from_pretrained(root)
+        return image_only_qwen2_5_vl_processor().from_pretrained(root, trust_remote_code=False)
     if cls not in _FRAME_PROCESSORS:
-        return transformers.AutoProcessor.from_pretrained(root)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(root)
-    image_processor = transformers.AutoImageProcessor.from_pretrained(root)
+        return transformers.AutoProcessor.from_pretrained(root, trust_remote_code=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(root, trust_remote_code=False)
+    image_processor = transformers.AutoImageProcessor.from_pretrained(root, trust_remote_code=False)
     stored = root / "processor_config.json"
     config = json.loads(stored.read_text()) if stored.is_file() else {"processor_class": cls}
     return FrameProcessor(tokenizer, image_processor, _chat_template(root, tokenizer), config)

@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from duet_export.atomic import atomic_dir
+from duet_export.outputs import atomic_dir
 from duet_export.stages.salient import QUESTION_WORDS, STOP_WORDS
 
 __all__ = [

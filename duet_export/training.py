@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,11 +22,12 @@ import torch
 from duet_export.compression import compress, decompress
 from duet_export.config import DuetConfig
 from duet_export.data.records import TrainingExample
-from duet_export.errors import DuetError
+from duet_export.errors import DuetError, one_line
 from duet_export.forward import IGNORE_INDEX
 from duet_export.inputs import encode_prompts, placeholders_per_image
 from duet_export.loading import LoadedModel, load_visual
 from duet_export.prompts import encode_follow_up
+from duet_export.training_output import restore_weights, save_final, training_folder
 
 __all__ = [
     "PARTS",
@@ -62,6 +61,7 @@ class TrainSettings:
     grad_accum: int = 1
     log_steps: int = 10
     resume: bool = False
+    force: bool = False  # start over in an output folder that holds an earlier run
     progress: bool = True
     # Uncompressed training only: each example's visual positions are squeezed into a random span of
     # (1 - s)..1 times their number (several tokens share a position), so that the decoder cannot find an
@@ -78,6 +78,7 @@ class TrainResult:
     step_seconds: list[float] = field(default_factory=list)
     tokens_per_second: float = 0.0
     stopped: bool = False  # stopped early by `stop_after`: no final model was written
+    started: bool = False  # the first step began (a resumed run has restored its state by then)
 
     @property
     def median_step_seconds(self) -> float:
@@ -219,11 +220,14 @@ def _callbacks(result: TrainResult, stop_after: int | None):
             self.seconds = 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
+            result.started = True
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             result.step_seconds.append(time.perf_counter() - self.start)
             self.seconds += result.step_seconds[-1]
+            if state.global_step == state.max_steps:
+                control.should_log = True  # so that every run reports a final loss
             if stop_after is not None and state.global_step >= stop_after:
                 control.should_save = True
                 control.should_training_stop = True
@@ -255,24 +259,26 @@ def train(
 
     Intermediate checkpoints (model, optimizer, scheduler, RNG) go to `output_dir/checkpoints`; `resume`
     continues from the last one exactly. The final model, processor and `duet_config.json` land in
-    `output_dir` itself, which `compress`, `inspect`, `export` and `eval` then accept.
+    `output_dir` itself, which `compress`, `inspect`, `export` and `eval` then accept. What `output_dir` may
+    hold, and when a run may be resumed or started over: `duet_export.training_output`.
     """
+    settings = settings or TrainSettings()
+    if settings.steps < 1 or settings.batch_size < 1 or settings.grad_accum < 1:
+        raise DuetError("--steps, --batch-size and --grad-accum must be at least 1")
+    with training_folder(output_dir, config, settings, inputs=[loaded.path]) as out:
+        return _train_into(loaded, examples, out, config, settings, echo)
+
+
+def _train_into(loaded, examples, out: Path, config, settings: TrainSettings, echo) -> TrainResult:
     from transformers import Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    settings = settings or TrainSettings()
-    if settings.steps < 1 or settings.batch_size < 1:
-        raise DuetError("--steps and --batch-size must be at least 1")
-    out = Path(output_dir)
     checkpoints = out / "checkpoints"
-    if settings.resume and not any(checkpoints.glob("checkpoint-*")):
-        raise DuetError(f"--resume: no checkpoint under {checkpoints}")
-    if not settings.resume and checkpoints.exists():
-        raise DuetError(f"{checkpoints} exists: pass --resume to continue that run, or choose a new output")
     enabled = config if config is not None and config.enabled else None
     collator = VQACollator(loaded, enabled, settings.position_squeeze)  # checks the squeeze before any work
     model = loaded.model
     trainable = _freeze(loaded, settings.train)
+    resume_from = restore_weights(model, checkpoints) if settings.resume else None
     if enabled is not None:
         compress(model, enabled)
     else:
@@ -312,46 +318,16 @@ def train(
     )
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    resume_from = _restore_weights(loaded, checkpoints) if settings.resume else None
     try:
         trainer.train(resume_from_checkpoint=resume_from)
+    except Exception as e:
+        if resume_from is None or result.started:
+            raise
+        # nothing ran yet: the Trainer failed to restore the optimizer, scheduler or RNG state
+        raise DuetError(f"--resume: cannot restore {resume_from}: {one_line(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     model.eval()
     if not result.stopped:
-        _save_final(loaded, out, config)
+        save_final(loaded, out, config)
     return result
-
-
-def _restore_weights(loaded: LoadedModel, checkpoints: Path) -> str:
-    """Load the last checkpoint's weights through `from_pretrained` and return its path.
-
-    transformers 5 saves LLaVA weights under their original (legacy) names and renames them on
-    `from_pretrained`; the Trainer's own resume loads the file non-strictly without that renaming and would
-    silently keep the current weights. Optimizer, scheduler, RNG and data position still come from the
-    Trainer.
-    """
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(checkpoints))
-    if last is None:
-        raise DuetError(f"--resume: no checkpoint under {checkpoints}")
-    saved = type(loaded.model).from_pretrained(last, dtype=next(loaded.model.parameters()).dtype)
-    missing, unexpected = loaded.model.load_state_dict(saved.state_dict(), strict=False)
-    if missing or unexpected:
-        raise DuetError(f"--resume: {last} does not match the model ({len(missing)} missing weights)")
-    return last
-
-
-def _save_final(loaded: LoadedModel, out: Path, config: DuetConfig | None) -> None:
-    """Write model + processor into a temporary folder, then move each complete file into `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".final-"))
-    try:
-        loaded.model.save_pretrained(tmp)
-        loaded.processor.save_pretrained(tmp)
-        (tmp / "duet_config.json").write_text(config.to_json() if config is not None else "null")
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

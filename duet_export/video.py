@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from duet_export.errors import DuetError
-from duet_export.images import open_image
+from duet_export.images import open_image, to_rgb
 
 __all__ = ["FRAME_SUFFIXES", "open_clip", "sample_indices"]
 
@@ -77,4 +77,4 @@ def open_clip(path: str | os.PathLike, frames: int) -> list[Image.Image]:
     sizes = {im.size for im in clip}
     if len(sizes) > 1:
         raise DuetError(f"{p}: frames differ in size ({', '.join(f'{w}x{h}' for w, h in sorted(sizes))})")
-    return [im.convert("RGB") for im in clip]
+    return [to_rgb(im, f"{p} frame {i}") for i, im in enumerate(clip)]

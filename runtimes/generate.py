@@ -22,7 +22,7 @@ from PIL import Image
 
 from duet_export.answers import Answer, GenerationSettings, decode_answer
 from duet_export.errors import DuetError
-from duet_export.images import open_image
+from duet_export.images import open_image, to_rgb
 from duet_export.prompts import EncodedPrompts, encode_prompts
 from duet_export.runtimes.binding import BoundSession
 from duet_export.runtimes.providers import ProviderSettings
@@ -32,7 +32,6 @@ from duet_export.video import open_clip
 __all__ = ["DecodeState", "OnnxVLM", "choose_tokens"]
 
 ImageLike = str | os.PathLike | Image.Image
-_HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def choose_tokens(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator) -> np.ndarray:
@@ -104,6 +103,8 @@ class OnnxVLM:
         self.layer_groups = [tuple(g) for g in m["layer_groups"]]
         self.drop_layers = [int(x) for x in m["drop_layers"]]
         self.max_new_tokens = int(m["options"]["max_new_tokens"])
+        width = {o.name: o.shape for o in self.bundle.sessions["step"].get_outputs()}["logits"][-1]
+        self.vocab_size = width if isinstance(width, int) else None
         self.float_dtype = np.float16 if m["dtype"] == "float16" else np.float32
         if hasattr(type(self.processor), "duet_image_size"):  # resizes every image to the bundle's size
             self.processor.duet_image_size = tuple(int(x) for x in m["image"]["size"])
@@ -111,19 +112,14 @@ class OnnxVLM:
     # ----------------------------------------------------------------------------------- inputs
     def load_image(self, image: ImageLike) -> Image.Image:
         """An RGB image; other sizes and modes are converted by the checkpoint's processor, with a note."""
+        name = "the image"
         if not isinstance(image, Image.Image):
-            image = open_image(image)
-        if image.mode in _HIGH_DEPTH_MODES:
-            raise DuetError(
-                f"image mode {image.mode} (more than 8 bits per channel) is refused: the model was trained "
-                "on 8-bit RGB; save the image as 8-bit RGB"
-            )
-        if image.width < 1 or image.height < 1:
-            raise DuetError("the image is empty")
+            name, image = str(image), open_image(image)
+        mode = image.mode
+        image = to_rgb(image, name)
+        if mode != "RGB":
+            self.on_note(f"image mode {mode} converted to RGB")
         h, w = self.manifest["image"]["size"]
-        if image.mode != "RGB":
-            self.on_note(f"image mode {image.mode} converted to RGB")
-            image = image.convert("RGB")
         if image.size != (w, h):
             self.on_note(
                 f"image {image.width}x{image.height} resized to the bundle's {w}x{h}: "
@@ -276,13 +272,9 @@ class OnnxVLM:
     ) -> list[Answer]:
         """One answer per (image, prompt); more prompts than the bundle's batch run in chunks."""
         settings = settings or GenerationSettings(max_new_tokens=self.max_new_tokens)
+        settings.validate(most_new_tokens=self.max_new_tokens, vocab_size=self.vocab_size)
         if len(images) != len(prompts):
             raise DuetError(f"{len(images)} images for {len(prompts)} prompts")
-        if not 1 <= settings.max_new_tokens <= self.max_new_tokens:
-            raise DuetError(
-                f"max-new-tokens {settings.max_new_tokens}: the bundle was exported for at most "
-                f"{self.max_new_tokens} (export again with a larger --max-new-tokens)"
-            )
         answers: list[Answer] = []
         rng = np.random.default_rng(settings.seed)
         for first in range(0, len(prompts), self.batch):

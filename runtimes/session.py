@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from duet_export.errors import DuetError
-from duet_export.export.manifest import read_manifest
+from duet_export.errors import DuetError, one_line
+from duet_export.export.manifest import bundle_file, read_manifest
 from duet_export.processors import load_processor
 from duet_export.runtimes.providers import ProviderSettings, select_providers
 
@@ -30,8 +30,7 @@ def open_session(
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime raises several unrelated exception types
-        lines = [x for x in str(e).strip().splitlines() if x.strip()] or [e.__class__.__name__]
-        raise DuetError(f"onnxruntime cannot load {Path(path).name}: {lines[0][:300]}") from None
+        raise DuetError(f"onnxruntime cannot load {Path(path).name}: {one_line(e)}") from None
 
 
 def run_named(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -58,14 +57,11 @@ class Bundle:
         provider: str = "auto",
         settings: ProviderSettings | None = None,
         *,
-        verify_digests: bool = False,
+        verify: str = "cached",
         session_options: ort.SessionOptions | None = None,
     ) -> Bundle:
         root = Path(path)
-        manifest = read_manifest(root, verify_digests=verify_digests)
-        missing = [g for g in GRAPHS if g not in manifest.get("graphs", {})]
-        if missing:
-            raise DuetError(f"{root}: the manifest lists no {', '.join(missing)} graph")
+        manifest = read_manifest(root, verify=verify)
         providers = select_providers(provider, settings)
         if providers[0][0] == "MIGraphXExecutionProvider" and manifest["target"] != "migraphx":
             raise DuetError(
@@ -74,14 +70,15 @@ class Bundle:
             )
         try:
             processor = load_processor(root)
+        except DuetError:
+            raise
         except Exception as e:
-            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-            raise DuetError(f"{root}: cannot load the tokenizer/processor files: {first[:200]}") from None
+            raise DuetError(f"{root}: cannot load the tokenizer/processor files: {one_line(e)}") from None
         # Only the step graph is replayed as a CUDA graph: vision and prefill run once per prompt.
         once = select_providers(provider, replace(settings, cuda_graph=False)) if settings else providers
         sessions = {
             name: open_session(
-                root / manifest["graphs"][name]["files"][0]["name"],
+                bundle_file(root, manifest["graphs"][name]["files"][0]),
                 providers if name == "step" else once,
                 session_options,
             )

@@ -22,6 +22,15 @@ transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def digest_cache(tmp_path_factory):
+    """The runtime's cache of verified bundle files, kept out of the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DUET_EXPORT_CACHE", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava", TinyLlavaSpec())

@@ -47,13 +47,15 @@ def test_export_cli_writes_a_bundle_and_run_answers(tiny_dir, tmp_path, image_fi
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["budget"]["average_tokens"] <= 10 and manifest["compressed"]
-    assert {f["name"] for g in manifest["graphs"].values() for f in g["files"]} == {
+    assert {f for g in manifest["graphs"].values() for f in g["files"]} == {
         "vision.onnx",
         "prefill.onnx",
         "step.onnx",
     }
+    listed = {f["name"] for f in manifest["files"]}
+    assert listed == {p.name for p in out.iterdir()} - {"manifest.json"}  # every file, with its digest
     for name in ("tokenizer.json", "chat_template.jinja", "processor_config.json"):
-        assert (out / name).is_file(), name
+        assert (out / name).is_file() and name in listed, name
     result = run("run", out, "--image", image_file, "--prompt", "What digit is in row 2?")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1]  # the answer is the last line

@@ -153,7 +153,7 @@ def ensure_bundle(
         if same:
             return out
     echo(f"exporting {out.name} ...")
-    export_bundle(loaded, out, config, options, echo=lambda m: None)
+    export_bundle(loaded, out, config, options, echo=lambda m: None, force=True)  # the bench's own cache
     return out
 
 

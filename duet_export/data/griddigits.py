@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from duet_export.atomic import atomic_dir
 from duet_export.errors import DuetError
+from duet_export.outputs import DATASET, replace_folder
 
 __all__ = ["GridSpec", "augment_scans", "box_patches", "build_griddigits", "digit_scans", "render_grid"]
 
@@ -228,10 +228,14 @@ def _questions(
     return out + asked
 
 
-def build_griddigits(out_dir: str | os.PathLike, spec: GridSpec | None = None, echo=print) -> dict:
+def build_griddigits(
+    out_dir: str | os.PathLike, spec: GridSpec | None = None, echo=print, *, force: bool = False
+) -> dict:
     """Write images/ (or clips/<sample>/<frame>.png), train.json (LLaVA format), test.jsonl (questions with
-    answers), spec.json, and <split>_layout.jsonl (each frame image's digit boxes and labels, for
-    pre-training a vision tower)."""
+    answers), spec.json (the spec, the splits and every file written), and <split>_layout.jsonl (each
+    frame image's digit boxes and labels, for pre-training a vision tower).
+
+    `out_dir` follows `duet_export.outputs`' rule: absent, empty, or (with `force`) an earlier dataset."""
     spec = spec or GridSpec()
     if spec.frames < 1:
         raise DuetError(f"frames must be at least 1, got {spec.frames}")
@@ -243,8 +247,8 @@ def build_griddigits(out_dir: str | os.PathLike, spec: GridSpec | None = None, e
     counts = {"train": spec.train_images, "test": spec.test_images}
     clip = spec.frames > 1
     key = "video" if clip else "image"
-    summary: dict = {"spec": asdict(spec), "splits": {}}
-    with atomic_dir(out_dir) as tmp:
+    summary: dict = {"format": DATASET.format, "spec": asdict(spec), "splits": {}}
+    with replace_folder(out_dir, DATASET, force=force) as tmp:
         (tmp / ("clips" if clip else "images")).mkdir()
         for split, pool in pools.items():
             rng = np.random.default_rng([spec.seed, 0 if split == "train" else 1])
@@ -315,5 +319,6 @@ def build_griddigits(out_dir: str | os.PathLike, spec: GridSpec | None = None, e
             echo(
                 f"{split}: {counts[split]} {'clips' if clip else 'images'}, {len(records)} questions {kinds}"
             )
+        summary["files"] = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         (tmp / "spec.json").write_text(json.dumps(summary))
     return summary

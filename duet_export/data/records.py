@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from duet_export.errors import DuetError
+from duet_export.images import check_image_file
 
 __all__ = ["Question", "TrainingExample", "read_llava_json", "read_questions", "write_answers"]
 
@@ -43,6 +44,7 @@ class Question:
     text: str
     answer: str | None
     kind: str | None = None  # optional question type, for per-kind accuracy
+    where: str = ""  # "test.jsonl line 3", for messages about this question
 
 
 def _visual_path(root: Path, rec: dict, where: str) -> Path:
@@ -54,6 +56,11 @@ def _visual_path(root: Path, rec: dict, where: str) -> Path:
     path = root / name
     if not (path.is_file() or (key == "video" and path.is_dir())):
         raise DuetError(f"{where}: {key} {path} does not exist")
+    if key == "image":
+        try:
+            check_image_file(path)
+        except DuetError as e:
+            raise DuetError(f"{where}: {e}") from None
     return path
 
 
@@ -110,6 +117,14 @@ def read_llava_json(
     return out
 
 
+_QUESTION_FIELDS = (
+    ("question_id", (str, int), "a string or an integer"),
+    ("text", str, "a string"),
+    ("answer", (str, type(None)), "a string"),
+    ("kind", (str, type(None)), "a string"),
+)
+
+
 def read_questions(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> list[Question]:
     """JSONL `{"question_id", "image", "text", "answer"?}` -> questions (images against `image_folder`)."""
     path = Path(path)
@@ -125,15 +140,14 @@ def read_questions(path: str | os.PathLike, image_folder: str | os.PathLike | No
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DuetError(f"{where} is not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or "question_id" not in rec or not isinstance(rec.get("text"), str):
+        if not isinstance(rec, dict) or "question_id" not in rec or "text" not in rec:
             raise DuetError(f"{where}: needs 'question_id', 'image' and 'text'")
-        answer = rec.get("answer")
-        if answer is not None and not isinstance(answer, str):
-            raise DuetError(f"{where}: 'answer' must be a string")
+        for key, kinds, what in _QUESTION_FIELDS:
+            if key in rec and not isinstance(rec[key], kinds):
+                raise DuetError(f"{where}: {key!r} must be {what}, got {json.dumps(rec[key])[:40]}")
         text = _strip_placeholders(rec["text"])
-        kind = rec.get("kind") if isinstance(rec.get("kind"), str) else None
         image = _visual_path(root, rec, where)
-        out.append(Question(str(rec["question_id"]), image, text, answer, kind))
+        out.append(Question(str(rec["question_id"]), image, text, rec.get("answer"), rec.get("kind"), where))
     if not out:
         raise DuetError(f"{path}: no questions")
     return out
@@ -141,7 +155,7 @@ def read_questions(path: str | os.PathLike, image_folder: str | os.PathLike | No
 
 def write_answers(path: str | os.PathLike, rows: list[dict]) -> None:
     """Answers as JSONL, written atomically."""
-    from duet_export.atomic import atomic_file
+    from duet_export.outputs import atomic_file
 
     with atomic_file(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -20,7 +20,6 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-from duet_export.atomic import atomic_dir
 from duet_export.config import DuetConfig
 from duet_export.errors import DuetError
 from duet_export.export.functions import FUNCTION_OPSET, attach_functions
@@ -30,11 +29,12 @@ from duet_export.export.manifest import (
     FORMAT_VERSION,
     MANIFEST,
     POSITIONS_RULE,
-    file_digest,
+    list_bundle_files,
     tool_versions,
 )
 from duet_export.forward import DuetForward
 from duet_export.loading import LoadedModel
+from duet_export.outputs import BUNDLE, replace_folder
 from duet_export.passes.pipeline import TARGETS, run_pipeline
 from duet_export.passes.verify import weight_bytes
 from duet_export.stages.budget import report
@@ -98,14 +98,13 @@ def _export(
     return program.model
 
 
-def _save(model: ir.Model, path: Path) -> list[dict[str, Any]]:
+def _save(model: ir.Model, path: Path) -> list[str]:
+    """Write a graph (its weights to a side file above 1 GiB); the names of the files written."""
     if weight_bytes(model) > _EXTERNAL_DATA_BYTES:
         ir.save(model, path, external_data=path.name + ".data")
-        files = [path, path.with_name(path.name + ".data")]
-    else:
-        ir.save(model, path)
-        files = [path]
-    return [{"name": f.name, "bytes": f.stat().st_size, "sha256": file_digest(f)} for f in files]
+        return [path.name, path.name + ".data"]
+    ir.save(model, path)
+    return [path.name]
 
 
 def export_bundle(
@@ -114,8 +113,13 @@ def export_bundle(
     config: DuetConfig | None,
     options: ExportOptions | None = None,
     echo: Callable[[str], None] = print,
+    *,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Export `loaded` with `config` (None: the uncompressed baseline) to `out_dir`; returns the manifest."""
+    """Export `loaded` with `config` (None: the uncompressed baseline) to `out_dir`; returns the manifest.
+
+    `out_dir` follows `duet_export.outputs`' rule: absent, empty, or (with `force`) an earlier bundle.
+    """
     options = (options or ExportOptions()).validate()
     adapter = loaded.adapter
     geometry = adapter.geometry()
@@ -226,8 +230,7 @@ def export_bundle(
         },
         "graphs": {},
     }
-    out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+    with replace_folder(out_dir, BUNDLE, force=force, inputs=[loaded.path]) as tmp:
         for name, (module, args, inputs, outputs) in graphs.items():
             start = time.perf_counter()
             echo(f"exporting the {name} graph ...")
@@ -253,5 +256,6 @@ def export_bundle(
                 f"  {name}: {len(model.graph)} nodes, passes {', '.join(applied)} ({time.perf_counter() - start:.1f} s)"
             )
         loaded.processor.save_pretrained(tmp)
+        manifest["files"] = list_bundle_files(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from duet_export.errors import DuetError
-from duet_export.export.manifest import read_manifest
+from duet_export.export.manifest import bundle_file, read_manifest
 from duet_export.passes.pipeline import TARGETS
 from duet_export.passes.verify import VerifyPass, VerifyReport
 
@@ -16,15 +16,19 @@ __all__ = ["check_bundle"]
 
 
 def check_bundle(bundle: str | os.PathLike, target: str | None = None) -> list[VerifyReport]:
-    """One verify report per graph; bad files and manifests are one-line `DuetError`s."""
+    """One verify report per graph; bad files and manifests are one-line `DuetError`s.
+
+    Every file the manifest lists (graphs, weights, tokenizer, processor, chat template) is hashed and
+    compared with its SHA-256, whatever the runtime's cache of verified files remembers.
+    """
     root = Path(bundle)
-    manifest = read_manifest(root, verify_digests=True)
+    manifest = read_manifest(root, verify="full")
     target = target or manifest["target"]
     if target not in TARGETS:
         raise DuetError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     reports = []
     for name, graph in manifest["graphs"].items():
-        path = root / graph["files"][0]["name"]
+        path = bundle_file(root, graph["files"][0])
         try:
             model = ir.load(path)
         except Exception as e:
