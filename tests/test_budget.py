@@ -1,6 +1,9 @@
+import math
+from fractions import Fraction
+
 import pytest
 
-from duet_export.config import DuetConfig, Geometry
+from duet_export.config import DuetConfig, Geometry, keep_count
 from duet_export.errors import DuetError
 from duet_export.stages.budget import report, resolve_budget
 
@@ -56,6 +59,29 @@ def test_video_geometry_uses_frames():
     cfg = resolve_budget(960, video)
     assert cfg.visual_tokens(video) % 8 == 0
     assert cfg.average_tokens(video) <= 960
+
+
+# Ratios whose float product with some counts lands a hair below the integer it stands for:
+# 0.7 * 90 = 62.99999999999999, 0.29 * 100 = 28.999999999999996, 0.58 * 50 = 28.999999999999996.
+SHORT_PRODUCTS = [(0.7, 90, 63), (0.7, 170, 119), (0.29, 100, 29), (0.58, 50, 29), (0.35, 180, 63)]
+
+
+@pytest.mark.parametrize(("ratio", "visual", "kept"), SHORT_PRODUCTS)
+def test_keep_count_is_the_floor_of_the_ratio_as_written(ratio, visual, kept):
+    """floor(r * V) of the decimal ratio the user wrote, not of its binary float (the 1e-9 guard)."""
+    assert math.floor(ratio * visual) == kept - 1  # the case the guard exists for
+    assert keep_count(ratio, visual) == kept
+    geometry = Geometry(num_patches=visual, num_layers=32)
+    cfg = DuetConfig(drop_layers=(16,), keep_ratios=(ratio,))
+    assert cfg.group_visual_tokens(geometry) == [visual, kept]
+
+
+def test_keep_count_matches_exact_arithmetic_on_every_count():
+    ratios = (0.1, 0.125, 0.25, 0.29, 0.3, 0.35, 0.5, 0.57, 0.58, 0.7, 0.75, 0.9, 1.0)
+    for ratio in ratios:
+        exact = Fraction(str(ratio))
+        for visual in range(0, 2049):
+            assert keep_count(ratio, visual) == math.floor(exact * visual), (ratio, visual)
 
 
 @pytest.mark.parametrize(
