@@ -35,7 +35,8 @@ def clip(seed: int, size: int = 64) -> list[Image.Image]:
 
 def budget_config(loaded):
     """The paper's ~93 % video setting scaled to the tiny clip (4 frames x 64 patches)."""
-    return resolve_budget(0.066 * loaded.adapter.geometry().total_patches, loaded.adapter.geometry())
+    geometry = loaded.adapter.geometry()
+    return resolve_budget(0.066 * geometry.total_patches, geometry, rules=loaded.adapter.rules)
 
 
 @pytest.fixture(scope="module")
