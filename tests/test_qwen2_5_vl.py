@@ -19,6 +19,7 @@ from duet_export.stages.budget import resolve_budget
 from duet_export.tiny import TinyQwenSpec, build_tiny_qwen2_5_vl
 
 from conftest import NEW_TOKENS, PROMPTS, check_conversation_batch, random_image, reference_generate
+from loops import oracle_model, stock_qwen_stage1
 
 N = 64  # 224 x 224 px: 16 x 16 patches of 14, 8 x 8 merged tokens
 
@@ -122,6 +123,31 @@ def test_vision_tower_matches_stock_and_scores_received_attention(qwen_dir):
     asked = loaded.adapter.vision_layer(inputs["pixel_values"], need_scores=True, score_grad=True)
     assert asked.cls_attention.requires_grad
     torch.testing.assert_close(asked.cls_attention.detach(), out.cls_attention)
+
+
+def test_stage1_matches_a_loop_over_the_stock_vision_tower(qwen_dir):
+    """Kept patches and merged tokens against `stock_qwen_stage1`: the stock tower run as it is (window
+    order and all), scores read from its last block's own attention probabilities, 2 x 2 means in raster
+    order. Catches scores left in window order, which the bundle (traced from the same code) cannot."""
+    loaded = load(qwen_dir)
+    cfg = budget_config(loaded)
+    compress(loaded.model, cfg)
+    inputs = prepare_inputs(loaded.processor, loaded.adapter, images(), PROMPTS, cfg)
+    trace = DuetTrace()
+    with torch.no_grad():
+        loaded.model(**inputs, duet_trace=trace, use_cache=False, logits_to_keep=1)
+        kept, tokens = stock_qwen_stage1(
+            oracle_model(qwen_dir),
+            inputs["pixel_values"],
+            inputs["image_grid_thw"],
+            cfg.dominant,
+            cfg.contextual,
+            cfg.cluster_width,
+        )
+    assert cfg.contextual > 0
+    for b in range(2):
+        assert trace.stage1.kept[b].tolist() == kept[b], f"image {b}: other patches kept"
+        torch.testing.assert_close(trace.stage1.tokens[b], tokens[b], atol=1e-5, rtol=1e-5)
 
 
 def test_identity_at_full_budget_against_stock_generate(qwen_dir):
