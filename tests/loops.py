@@ -114,7 +114,7 @@ def oracle_model(path):
     return model.eval()
 
 
-def _ranked_with_margin(scores: list[float], keep: int, what: str) -> list[int]:
+def ranked_with_margin(scores: list[float], keep: int, what: str) -> list[int]:
     """`ranked(scores)[:keep]`, refusing a cut so close that float32 rounding could decide it."""
     order = ranked(scores)
     if 0 < keep < len(scores):
@@ -129,7 +129,7 @@ def loop_v2v_patches(tokens, scores, keys, dominant: int, contextual: int, width
     """Stage 1 without CLS (Qwen2.5-VL): `dominant` counts patches. Returns (kept patches ascending, tokens
     in that order, each contextual token in its anchor's slot)."""
     zero = tokens.new_zeros(1, tokens.shape[-1])
-    _ranked_with_margin(scores.tolist(), dominant, "Stage 1 dominant")
+    ranked_with_margin(scores.tolist(), dominant, "Stage 1 dominant")
     merged, dom, anchors, _, _ = loop_v2v(
         torch.cat([zero, tokens]),
         scores,
@@ -269,7 +269,7 @@ def loop_decoder(
                 sum(float(weights[0, hd, q, v]) for hd in range(heads) for q in rows) / (heads * len(rows))
                 for v in columns
             ]
-            chosen = sorted(_ranked_with_margin(scores, schedule[li], f"Stage 2 before layer {li}"))
+            chosen = sorted(ranked_with_margin(scores, schedule[li], f"Stage 2 before layer {li}"))
             kept_per_layer[li] = origin = [origin[c] for c in chosen]
             stay = sorted([i for i in range(t) if not visual[i]] + [columns[c] for c in chosen])
             h = h[:, stay]

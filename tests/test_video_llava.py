@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from duet_export import GenerationSettings, compress, prepare_inputs
+from duet_export import DuetConfig, GenerationSettings, compress, prepare_inputs
 from duet_export.errors import DuetError
 from duet_export.export.bundle import ExportOptions, export_bundle
 from duet_export.forward import DuetTrace
@@ -18,6 +18,7 @@ from duet_export.stages.budget import resolve_budget
 from duet_export.tiny import TinyLlavaSpec, build_tiny_video_llava
 
 from conftest import NEW_TOKENS, PROMPTS, random_image, reference_generate
+from loops import loop_decoder, loop_v2v, oracle_model, ranked_with_margin, stock_clip_stage1_inputs
 
 FRAMES = 4
 
@@ -87,6 +88,52 @@ def test_stage1_per_frame_and_stage2_over_the_clip(video_dir):
     # Stage 2 ranks the whole clip: what it keeps may come from any frame.
     assert len(kept) == int(cfg.keep_ratios[0] * FRAMES * per_frame)
     assert int(kept.max()) < FRAMES * per_frame
+
+
+def test_stage1_per_frame_and_one_stage2_ranking_over_the_clip_match_a_loop(video_dir):
+    """Kept indices and logits against loops over the stock modules: Stage 1 by `loop_v2v` on each frame's
+    stock CLIP feature layer (its own attention probabilities), the frames' tokens in order, then one
+    Stage-2 ranking over all of the clip's visual tokens on the stock decoder."""
+    loaded = load(video_dir)
+    cfg = DuetConfig(dominant=12, contextual=4, drop_layers=(2, 5), keep_ratios=(0.5, 0.25))
+    compress(loaded.model, cfg)
+    clips = [clip(4), clip(5, size=80)]
+    inputs = prepare_inputs(loaded.processor, loaded.adapter, clips, PROMPTS, cfg)
+    trace = DuetTrace()
+    with torch.no_grad():
+        logits = loaded.model(**inputs, duet_trace=trace, use_cache=False).logits
+    oracle = oracle_model(video_dir)
+    per_frame = cfg.dominant + cfg.contextual
+    v = FRAMES * per_frame
+    schedule = {2: v // 2, 5: v // 4}
+    with torch.no_grad():
+        pixels = inputs["pixel_values_videos"].flatten(0, 1)
+        hidden, scores, keys = stock_clip_stage1_inputs(
+            oracle.model.video_tower, pixels, oracle.config.vision_feature_layer
+        )
+        features = []
+        for f in range(len(pixels)):
+            ranked_with_margin(scores[f].tolist(), cfg.dominant - 1, f"frame {f} dominant")
+            tokens, dominant, *_ = loop_v2v(
+                hidden[f], scores[f], keys[f], cfg.dominant, cfg.contextual, cfg.cluster_width
+            )
+            assert trace.stage1.dominant[f].tolist() == dominant, f"frame {f}"
+            features.append(oracle.model.multi_modal_projector(tokens))
+        for b in range(2):
+            real = inputs["attention_mask"][b].bool()
+            ids = inputs["input_ids"][b][real]
+            visual = ids == loaded.adapter.image_token_id
+            embeds = oracle.model.language_model.embed_tokens(ids).clone()
+            embeds[visual] = torch.cat(features[b * FRAMES : (b + 1) * FRAMES])
+            kept, ref_logits, _ = loop_decoder(
+                oracle, embeds, torch.arange(len(ids)), visual, inputs["duet_query_mask"][b][real],
+                schedule, cfg.query, recompact=True,
+            )  # fmt: skip
+            for layer, indices in kept.items():
+                assert trace.stage2[layer][b].tolist() == indices, f"clip {b}, drop before layer {layer}"
+            # what survives the first drop comes from several frames: one ranking, not one per frame
+            assert len({i // per_frame for i in kept[2]}) > 1
+            torch.testing.assert_close(logits[b][-len(ref_logits) :], ref_logits, atol=1e-4, rtol=1e-5)
 
 
 def test_bundle_matches_pytorch(video_dir, video_bundle):
