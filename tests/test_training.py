@@ -11,17 +11,21 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from duet_export.cli import cli
+from duet_export.compression import compress
+from duet_export.config import DuetConfig
 from duet_export.data.griddigits import GridSpec, box_patches, build_griddigits
 from duet_export.data.records import read_llava_json, read_questions
 from duet_export.errors import DuetError
 from duet_export.evaluation import evaluate, normalize_answer
 from duet_export.export.bundle import ExportOptions, export_bundle
+from duet_export.forward import DuetTrace
 from duet_export.loading import load
 from duet_export.prompts import encode_follow_up
 from duet_export.runtimes import OnnxVLM
 from duet_export.training import TrainSettings, VQACollator, squeezed_positions, train
 
 from conftest import bundle_config, check_conversation_batch
+from loops import loop_decoder, loop_v2v, oracle_model, stock_clip_stage1_inputs
 
 SPEC = GridSpec(rows=2, cols=2, cell=32, digit=24, train_images=12, test_images=4, seed=3)
 
@@ -286,6 +290,53 @@ def test_a_conversation_without_a_chat_template_is_a_one_line_error(tiny, conver
     tiny.processor.chat_template = None
     with pytest.raises(DuetError, match="--split-turns"):
         encode_follow_up(tiny.processor, conversation.turns[:1], conversation.turns[1][0])
+
+
+@pytest.mark.parametrize("query", ["salient", "all"])
+def test_a_training_forward_keeps_what_a_loop_keeps_querying_only_the_instruction(
+    tiny_dir, conversation_grid, query
+):
+    """Kept indices, logits and loss of a training forward (labels given) against `loop_decoder` on the
+    stock modules: only label-ignored text after the image queries (the final prompt token being the one
+    before the first answer), and the labels of dropped tokens are dropped with them."""
+    loaded = load(tiny_dir)
+    cfg = DuetConfig(dominant=20, contextual=6, drop_layers=(4, 6), keep_ratios=(0.5, 0.25), query=query)
+    compress(loaded.model, cfg)
+    batch = VQACollator(loaded, cfg)(read_llava_json(conversation_grid / "train.json")[:2])
+    assert (batch["labels"] != -100).any(dim=1).all()  # answers to learn: the labels rule applies
+    trace = DuetTrace()
+    with torch.no_grad():
+        out = loaded.model(**batch, duet_trace=trace, use_cache=False)
+    oracle = oracle_model(tiny_dir)
+    v = cfg.dominant + cfg.contextual
+    schedule = {4: v // 2, 6: v // 4}
+    total, count = torch.zeros(()), 0
+    with torch.no_grad():
+        hidden, scores, keys = stock_clip_stage1_inputs(
+            oracle.model.vision_tower, batch["pixel_values"], oracle.config.vision_feature_layer
+        )
+        for b in range(2):
+            tokens, *_ = loop_v2v(
+                hidden[b], scores[b], keys[b], cfg.dominant, cfg.contextual, cfg.cluster_width
+            )
+            real = batch["attention_mask"][b].bool()
+            ids, labels = batch["input_ids"][b][real], batch["labels"][b][real]
+            visual = ids == loaded.adapter.image_token_id
+            embeds = oracle.model.language_model.embed_tokens(ids).clone()
+            embeds[visual] = oracle.model.multi_modal_projector(tokens)
+            kept, logits, kept_labels = loop_decoder(
+                oracle, embeds, torch.arange(len(ids)), visual, batch["duet_query_mask"][b][real], schedule,
+                query, recompact=True, labels=labels.tolist(),
+            )  # fmt: skip
+            for layer, indices in kept.items():
+                assert trace.stage2[layer][b].tolist() == indices, f"sample {b}, drop before layer {layer}"
+            torch.testing.assert_close(out.logits[b][-len(logits) :], logits, atol=1e-4, rtol=1e-5)
+            shifted = torch.tensor(kept_labels[1:])
+            total += torch.nn.functional.cross_entropy(
+                logits[:-1], shifted, ignore_index=-100, reduction="sum"
+            )
+            count += int((shifted != -100).sum())
+    torch.testing.assert_close(out.loss, total / count, atol=1e-5, rtol=1e-5)
 
 
 def _weights(path):
