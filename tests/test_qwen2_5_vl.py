@@ -210,17 +210,28 @@ def test_stage2_matches_a_loop_over_the_stock_decoder_with_kept_positions(qwen_d
             torch.testing.assert_close(logits[b][-len(ref_logits) :], ref_logits, atol=1e-4, rtol=1e-5)
 
 
-def test_identity_at_full_budget_against_stock_generate(qwen_dir):
+# Every merged token kept through both stages' code: Stage 1's merge path keeping all N, Stage 2's drop path
+# keeping ratio 1.0 (with the M-RoPE positions of the kept tokens and the decode offsets of each group).
+KEEP_ALL = DuetConfig(dominant=N, contextual=0, drop_layers=(2, 5), keep_ratios=(1.0, 1.0))
+
+
+@pytest.mark.parametrize("config", ["budget=N", KEEP_ALL], ids=["budget-N", "both-stages-keep-all"])
+def test_identity_at_full_budget_against_stock_generate(qwen_dir, config):
     loaded = load(qwen_dir)
     inputs = prepare_inputs(loaded.processor, loaded.adapter, images(), PROMPTS)
     assert not bool(inputs["attention_mask"].all())  # the prompts differ in length: left padding
     stock, stock_logits = reference_generate(loaded, inputs, 12)
-    config = resolve_budget(N, loaded.adapter.geometry(), rules=loaded.adapter.rules)
-    assert not config.enabled
+    if config == "budget=N":
+        config = resolve_budget(N, loaded.adapter.geometry(), rules=loaded.adapter.rules)
+        assert not config.enabled
     compress(loaded.model, config)
     trace = DuetTrace()
     ours, our_logits = reference_generate(loaded, {**inputs, "duet_trace": trace}, 12)
     assert trace.visual_tokens == N  # the compressed forward ran
+    if config.enabled:  # the stages' code ran, and removed nothing
+        assert trace.stage1.kept.tolist() == [list(range(N))] * 2
+        assert sorted(trace.keep_index) == [2, 5]
+        assert all(torch.equal(k, torch.arange(k.shape[1]).expand_as(k)) for k in trace.keep_index.values())
     np.testing.assert_array_equal(stock, ours)
     for step in (0, 5, 11):
         np.testing.assert_allclose(stock_logits[step], our_logits[step], atol=1e-5)

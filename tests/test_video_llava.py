@@ -58,17 +58,32 @@ def test_loads_with_frames_from_config(video_dir):
     assert loaded.adapter.uncompressed_tokens_per_image == 65  # video frames keep CLS
 
 
-def test_identity_at_full_budget_against_stock_generate(video_dir):
+# Every patch kept through both stages' code: Stage 1 keeps CLS + all 64 patches per frame through the merge
+# path (a video frame feeds all 65 tokens, as the stock model), Stage 2 keeps ratio 1.0 through the drop path.
+KEEP_ALL = DuetConfig(dominant=65, contextual=0, drop_layers=(2, 5), keep_ratios=(1.0, 1.0))
+
+
+@pytest.mark.parametrize("config", ["budget=N", KEEP_ALL], ids=["budget-N", "both-stages-keep-all"])
+def test_identity_at_full_budget_against_stock_generate(video_dir, config):
     loaded = load(video_dir)
     clips = [clip(1), clip(2, size=80)]
     inputs = prepare_inputs(loaded.processor, loaded.adapter, clips, PROMPTS)
     assert inputs["pixel_values_videos"].shape == (2, FRAMES, 3, 64, 64)
     assert int((inputs["input_ids"][0] == loaded.adapter.image_token_id).sum()) == FRAMES * 65
     stock, stock_logits = reference_generate(loaded, inputs, 12)
-    compress(loaded.model, resolve_budget(loaded.adapter.geometry().total_patches, loaded.adapter.geometry()))
-    ours, our_logits = reference_generate(loaded, inputs, 12)
+    if config == "budget=N":
+        config = resolve_budget(loaded.adapter.geometry().total_patches, loaded.adapter.geometry())
+    compress(loaded.model, config)
+    trace = DuetTrace()
+    ours, our_logits = reference_generate(loaded, {**inputs, "duet_trace": trace}, 12)
     np.testing.assert_array_equal(stock, ours)
     np.testing.assert_allclose(stock_logits[0], our_logits[0], atol=1e-5)
+    if config.enabled:  # the stages' code ran, and removed nothing
+        assert trace.stage1.dominant.tolist() == [list(range(64))] * (2 * FRAMES)
+        assert sorted(trace.keep_index) == [2, 5]
+        assert all(torch.equal(k, torch.arange(k.shape[1]).expand_as(k)) for k in trace.keep_index.values())
+        for step in (5, 11):
+            np.testing.assert_allclose(stock_logits[step], our_logits[step], atol=1e-5)
 
 
 def test_stage1_per_frame_and_stage2_over_the_clip(video_dir):
