@@ -22,7 +22,7 @@ from duet_export.forward import DuetTrace
 from duet_export.loading import load
 from duet_export.prompts import encode_follow_up
 from duet_export.runtimes import OnnxVLM
-from duet_export.training import TrainSettings, VQACollator, squeezed_positions, train
+from duet_export.training import TrainSettings, VQACollator, parse_parts, squeezed_positions, train
 
 from conftest import bundle_config, check_conversation_batch
 from loops import loop_decoder, loop_v2v, oracle_model, stock_clip_stage1_inputs
@@ -357,14 +357,35 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tiny_dir, con
     assert json.loads((tmp_path / "run" / "duet_config.json").read_text())["drop_layers"] == [4, 6]
 
 
-def test_frozen_parts_do_not_change(tiny_dir, grid, tmp_path):
+def _changed_parts(tiny_dir, grid, out, parts: str) -> dict[str, list[bool]]:
+    """Train one step with `--train parts`; per part, whether each of its parameter tensors changed."""
     loaded = load(tiny_dir)
-    before = {k: v.clone() for k, v in loaded.model.model.vision_tower.state_dict().items()}
-    examples = read_llava_json(grid / "train.json")[:4]
-    settings = TrainSettings(steps=2, batch_size=2, warmup_steps=0, progress=False)  # projector + llm
-    train(loaded, examples, tmp_path / "run", None, settings, echo=lambda m: None)
-    after = loaded.model.model.vision_tower.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    groups = loaded.adapter.parameter_groups()
+    before = {name: [p.detach().clone() for p in params] for name, params in groups.items()}
+    settings = TrainSettings(steps=1, batch_size=2, warmup_steps=0, progress=False, train=parse_parts(parts))
+    train(loaded, read_llava_json(grid / "train.json")[:4], out, None, settings, echo=lambda m: None)
+    return {
+        name: [not torch.equal(b, p.detach()) for b, p in zip(before[name], params, strict=True)]
+        for name, params in groups.items()
+    }
+
+
+def test_frozen_parts_do_not_change(tiny_dir, grid, tmp_path):
+    """The default `--train projector,llm`: the vision tower stays as it was, every projector and decoder
+    tensor moves."""
+    assert TrainSettings().train == ("projector", "llm")
+    changed = _changed_parts(tiny_dir, grid, tmp_path / "run", "projector,llm")
+    assert not any(changed["vision"])
+    assert all(changed["projector"]) and all(changed["llm"])
+
+
+def test_train_vision_or_all(tiny_dir, grid, tmp_path):
+    """`--train vision` moves the tower (the layers up to the feature layer) and nothing else; `--train all`
+    moves all three parts."""
+    changed = _changed_parts(tiny_dir, grid, tmp_path / "vision", "vision")
+    assert any(changed["vision"]) and not any(changed["projector"]) and not any(changed["llm"])
+    changed = _changed_parts(tiny_dir, grid, tmp_path / "all", "all")
+    assert any(changed["vision"]) and all(changed["projector"]) and all(changed["llm"])
 
 
 def test_squeezed_positions_give_the_visual_block_a_random_shorter_span():
