@@ -68,6 +68,20 @@ def test_griddigits_is_deterministic_and_splits_are_disjoint(grid, tmp_path):
     assert sum(e.question == "Which digits are in the image?" for e in examples) == SPEC.train_images
 
 
+def test_griddigits_augment_distorts_training_digits_only(grid, tmp_path):
+    """`--augment`: training digits become distortions of their scans; the test split (questions, layout and
+    every test image) stays byte for byte what it is without it."""
+    augmented = tmp_path / "augmented"
+    build_griddigits(augmented, replace(SPEC, augment=True), echo=lambda m: None)
+    for name in ("test.jsonl", "test_layout.jsonl"):
+        assert (augmented / name).read_bytes() == (grid / name).read_bytes(), name
+    tests = sorted((grid / "images").glob("test_*.png"))
+    assert len(tests) == SPEC.test_images
+    assert all(p.read_bytes() == (augmented / "images" / p.name).read_bytes() for p in tests)
+    trains = sorted((grid / "images").glob("train_*.png"))
+    assert sum(p.read_bytes() != (augmented / "images" / p.name).read_bytes() for p in trains) == len(trains)
+
+
 def test_griddigits_extra_training_counts_ask_about_shown_digits(grid, tmp_path):
     """`train_counts`: more count questions for training, each of a digit the image shows, answered with its
     true count; the test split stays the same."""
