@@ -77,7 +77,8 @@ def loop_t2v_scores(queries, keys, allowed, query_valid, visual_index, scale):
 
 # ------------------------------------------------------------------------------------------------------------
 # Whole-model oracles: the stock transformers modules run one sample at a time, and the two stages written as
-# loops over their outputs (ALGORITHM.md). Nothing here calls duet_export's stages, adapters or forward.
+# loops over their outputs (ALGORITHM.md). Nothing here calls duet_export's stages, adapters or forward; only
+# its loader, for a fresh stock model instance.
 
 ORACLE_ATTENTION = "duet_oracle_eager"
 
@@ -102,7 +103,7 @@ class AttentionRecorder:
 RECORDER = AttentionRecorder()
 
 
-def oracle_model(path):
+def oracle_model(path) -> torch.nn.Module:
     """A fresh copy of the checkpoint at `path` whose every attention is the recording stock eager one."""
     from transformers import AttentionInterface
 
@@ -125,7 +126,9 @@ def ranked_with_margin(scores: list[float], keep: int, what: str) -> list[int]:
     return order[:keep]
 
 
-def loop_v2v_patches(tokens, scores, keys, dominant: int, contextual: int, width: int):
+def loop_v2v_patches(
+    tokens: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int, width: int
+) -> tuple[list[int], torch.Tensor]:
     """Stage 1 without CLS (Qwen2.5-VL): `dominant` counts patches. Returns (kept patches ascending, tokens
     in that order, each contextual token in its anchor's slot)."""
     zero = tokens.new_zeros(1, tokens.shape[-1])
@@ -143,7 +146,9 @@ def loop_v2v_patches(tokens, scores, keys, dominant: int, contextual: int, width
     return [kept[i] for i in order], merged[1:][order]
 
 
-def stock_clip_stage1_inputs(tower, pixel_values, feature_layer: int):
+def stock_clip_stage1_inputs(
+    tower: torch.nn.Module, pixel_values: torch.Tensor, feature_layer: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden [n, 1+N, D], CLS attention summed over heads [n, N], head-mean keys [n, 1+N, d]) of the
     feature layer, read from the stock CLIP tower's own forward (recording eager attention)."""
     RECORDER.calls.clear()
@@ -151,10 +156,18 @@ def stock_clip_stage1_inputs(tower, pixel_values, feature_layer: int):
     hidden = out.hidden_states[feature_layer]
     layer = tower.encoder.layers[len(out.hidden_states) + feature_layer - 1]  # the layer that wrote `hidden`
     ((weights, keys),) = RECORDER.of(layer.self_attn)
+    RECORDER.calls.clear()
     return hidden, weights[:, :, 0, 1:].sum(dim=1), keys.mean(dim=1)
 
 
-def stock_qwen_stage1(model, pixel_values, grid_thw, dominant: int, contextual: int, width: int):
+def stock_qwen_stage1(
+    model: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    grid_thw: torch.Tensor,
+    dominant: int,
+    contextual: int,
+    width: int,
+) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Qwen2.5-VL Stage 1 per image from the stock vision tower: ([kept patches], [tokens [V, D]]).
 
     Score of a merged token = attention its four patches receive in the last block (softmax rows of the
@@ -191,6 +204,7 @@ def stock_qwen_stage1(model, pixel_values, grid_thw, dominant: int, contextual: 
         for j in range(weights.shape[-1]):
             received.append(sum(float(weights[0, h, :, j].sum()) for h in range(heads)) / heads)
             keys.append(key[0, :, j].mean(dim=0))
+    RECORDER.calls.clear()
     by_patch = [0.0] * len(received)
     key_by_patch = [None] * len(received)
     for row, patch in enumerate(patch_of_window_row):
@@ -213,7 +227,9 @@ def stock_qwen_stage1(model, pixel_values, grid_thw, dominant: int, contextual: 
     return out_kept, out_tokens
 
 
-def select_loop_queries(visual, salient, labels, mode: str) -> list[int]:
+def select_loop_queries(
+    visual: list[bool], salient: list[bool], labels: list[int] | None, mode: str
+) -> list[int]:
     """Stage 2's query rows of one unpadded sample (ALGORITHM.md): text after the visual block; with labels,
     only label-ignored tokens, and the final prompt token is the one before the first answer."""
     t = len(visual)
@@ -229,9 +245,17 @@ def select_loop_queries(visual, salient, labels, mode: str) -> list[int]:
 
 
 def loop_decoder(
-    model, embeds, positions, visual, salient, schedule: dict[int, int], mode: str, *, recompact: bool,
-    labels=None,
-):  # fmt: skip
+    model: torch.nn.Module,
+    embeds: torch.Tensor,
+    positions: torch.Tensor,
+    visual,
+    salient,
+    schedule: dict[int, int],
+    mode: str,
+    *,
+    recompact: bool,
+    labels: list[int] | None = None,
+) -> tuple[dict[int, list[int]], torch.Tensor, list[int] | None]:
     """Run the stock decoder layers on one unpadded sample with Stage-2 drops before the layers in `schedule`
     ({layer: tokens kept}). `positions` is [T] (re-compacted after a drop when `recompact`) or [3, T] M-RoPE
     (kept as they are). Returns ({layer: kept visual indices in entering order}, logits, labels that stayed).
@@ -241,7 +265,7 @@ def loop_decoder(
     """
     lm = model.model.language_model
     h = embeds.unsqueeze(0)
-    visual, salient = list(visual), list(salient)
+    visual, salient = [bool(x) for x in visual], [bool(x) for x in salient]
     labels = None if labels is None else list(labels)
     origin = list(range(sum(visual)))  # Stage-1 index of each visual token still present
     pos = positions
@@ -283,5 +307,6 @@ def loop_decoder(
             position_embeddings=rotary(h, pos),
             position_ids=pos.view(1, -1) if pos.dim() == 1 else None,
         )
+    RECORDER.calls.clear()  # the probabilities were read from `self_attn`'s return value
     logits = model.lm_head(lm.norm(h))[0]
     return kept_per_layer, logits, labels
