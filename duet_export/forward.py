@@ -265,7 +265,7 @@ class DuetForward:
             trace.visual_tokens = visual_count
         for g, (start, end) in enumerate(self.groups):
             if g > 0 and visual_count:
-                seq, visual_count = self._drop(seq, start, visual_count, self.group_tokens[g], trace)
+                seq, visual_count = self._drop(seq, start, visual_count, self.group_tokens[g], trace, static)
             cos_sin = self.adapter.rotary(seq.hidden, seq.positions)
             length = seq.hidden.shape[1]
             mask4 = causal_mask(
@@ -326,10 +326,20 @@ class DuetForward:
         return seq.gather(compact(keep, seq.ids.shape[1] - (per_image - v_img) * (n_images // b)))
 
     def _drop(
-        self, seq: _Sequence, layer_index: int, current: int, keep: int, trace: DuetTrace | None
+        self,
+        seq: _Sequence,
+        layer_index: int,
+        current: int,
+        keep: int,
+        trace: DuetTrace | None,
+        static: bool = False,
     ) -> tuple[_Sequence, int]:
-        """Stage 2 before decoder layer `layer_index`: keep `keep` of the `current` visual tokens."""
-        if keep >= current:
+        """Stage 2 before decoder layer `layer_index`: keep `keep` of the `current` visual tokens.
+
+        A drop that keeps every token still runs (and is traced) in PyTorch, so a keep ratio of 1.0 goes
+        through the same code as any other; an exported graph leaves it out (the bundle names only the drops
+        that remove tokens)."""
+        if keep >= current and static:
             return seq, current
         parts = self.adapter.attention_parts(self.adapter.decoder_layers[layer_index])
         with torch.no_grad():

@@ -1,8 +1,11 @@
+import math
+from fractions import Fraction
+
 import pytest
 
-from duet_export.config import DuetConfig, Geometry
+from duet_export.config import DuetConfig, Geometry, keep_count
 from duet_export.errors import DuetError
-from duet_export.stages.budget import report, resolve_budget
+from duet_export.stages.budget import VIDEO_LLAVA_RULES, report, resolve_budget
 
 LLAVA = Geometry(num_patches=576, num_layers=32)
 
@@ -51,11 +54,63 @@ def test_full_budget_is_identity_and_large_budgets_cap():
     assert cfg.average_tokens(LLAVA) == pytest.approx(360)
 
 
-def test_video_geometry_uses_frames():
-    video = Geometry(num_patches=256, num_layers=32, frames=8)
-    cfg = resolve_budget(960, video)
-    assert cfg.visual_tokens(video) % 8 == 0
-    assert cfg.average_tokens(video) <= 960
+VIDEO_LLAVA_7B = Geometry(num_patches=256, num_layers=32, frames=8)
+
+
+def test_video_llava_adapter_supplies_the_video_rules():
+    from duet_export.models.video_llava import VideoLlavaAdapter
+
+    assert VideoLlavaAdapter.rules is VIDEO_LLAVA_RULES
+
+
+def test_paper_video_960_setting():
+    """The reference's clip setting: 160 + 32 per frame, drops [16, 24] / [0.5, 0.0], average 960."""
+    cfg = resolve_budget(960, VIDEO_LLAVA_7B, rules=VIDEO_LLAVA_RULES)
+    assert (cfg.dominant, cfg.contextual) == (160, 32)
+    assert (cfg.drop_layers, cfg.keep_ratios) == ((16, 24), (0.5, 0.0))
+    rep = report(cfg, VIDEO_LLAVA_7B)
+    assert rep.visual_tokens == 8 * 192 and rep.group_tokens == [1536, 768, 0]
+    assert rep.average_tokens == 960 and round(100 * rep.reduction, 1) == 53.1
+    # The image rules give this budget almost no contextual tokens (188 + 4), not the paper's split.
+    image = resolve_budget(960, VIDEO_LLAVA_7B)
+    assert (image.dominant, image.contextual) == (188, 4)
+
+
+def test_paper_video_136_setting():
+    """136 is out of reach (average 0.625 V, V a multiple of 8 frames): 216 = 8 x (23 + 4) averages 135."""
+    cfg = resolve_budget(136, VIDEO_LLAVA_7B, rules=VIDEO_LLAVA_RULES)
+    assert (cfg.dominant, cfg.contextual) == (23, 4)  # 27 x 32/192 = 4.5 contextual, rounded to even
+    assert (cfg.drop_layers, cfg.keep_ratios) == ((16, 24), (0.5, 0.0))
+    rep = report(cfg, VIDEO_LLAVA_7B)
+    assert rep.visual_tokens == 216 and rep.group_tokens == [216, 108, 0]
+    assert rep.average_tokens == 135 and round(100 * rep.reduction, 1) == 93.4
+    # one more token per frame (V = 224) would average 140
+    assert (
+        DuetConfig(24, 4, drop_layers=(16, 24), keep_ratios=(0.5, 0.0)).average_tokens(VIDEO_LLAVA_7B) == 140
+    )
+
+
+# Ratios whose float product with some counts lands a hair below the integer it stands for:
+# 0.7 * 90 = 62.99999999999999, 0.29 * 100 = 28.999999999999996, 0.58 * 50 = 28.999999999999996.
+SHORT_PRODUCTS = [(0.7, 90, 63), (0.7, 170, 119), (0.29, 100, 29), (0.58, 50, 29), (0.35, 180, 63)]
+
+
+@pytest.mark.parametrize(("ratio", "visual", "kept"), SHORT_PRODUCTS)
+def test_keep_count_is_the_floor_of_the_ratio_as_written(ratio, visual, kept):
+    """floor(r * V) of the decimal ratio the user wrote, not of its binary float (the 1e-9 guard)."""
+    assert math.floor(ratio * visual) == kept - 1  # the case the guard exists for
+    assert keep_count(ratio, visual) == kept
+    geometry = Geometry(num_patches=visual, num_layers=32)
+    cfg = DuetConfig(drop_layers=(16,), keep_ratios=(ratio,))
+    assert cfg.group_visual_tokens(geometry) == [visual, kept]
+
+
+def test_keep_count_matches_exact_arithmetic_on_every_count():
+    ratios = (0.1, 0.125, 0.25, 0.29, 0.3, 0.35, 0.5, 0.57, 0.58, 0.7, 0.75, 0.9, 1.0)
+    for ratio in ratios:
+        exact = Fraction(str(ratio))
+        for visual in range(0, 2049):
+            assert keep_count(ratio, visual) == math.floor(exact * visual), (ratio, visual)
 
 
 @pytest.mark.parametrize(

@@ -165,6 +165,23 @@ def test_absent_provider(bundles, image_file, monkeypatch):
     )
 
 
+def test_a_bundle_not_exported_for_migraphx_is_refused_on_migraphx(bundles, image_file, monkeypatch):
+    """MIGraphX needs the lowered, static graphs of `--target migraphx`: a cpu bundle is refused before any
+    session opens, from the CLI and from the Python API."""
+    from duet_export.errors import DuetError
+    from duet_export.runtimes import OnnxVLM
+
+    offered = ["MIGraphXExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(providers.ort, "get_available_providers", lambda: offered)
+    one_line_error(
+        run("run", bundles / "cpu", "--image", image_file, "--prompt", "hi", "--provider", "migraphx"),
+        "was exported for cpu",
+        "--target migraphx",
+    )
+    with pytest.raises(DuetError, match="exported for cpu; MIGraphX needs a bundle exported with --target"):
+        OnnxVLM(bundles / "cpu", provider="auto")  # auto picks MIGraphX when it is offered
+
+
 def test_more_new_tokens_than_the_bundle_holds(bundles, image_file):
     one_line_error(
         run("run", bundles / "cpu", "--image", image_file, "--prompt", "hi", "--max-new-tokens", 999),

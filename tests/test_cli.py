@@ -68,6 +68,64 @@ def test_inspect_overlay_png(tiny_dir, image_file, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["overlay.png"]  # no temporary left behind
 
 
+def test_inspect_overlay_lights_the_kept_patches(tiny_dir, image_file, tmp_path, monkeypatch):
+    """Each panel of the overlay shows the model's view at full brightness on the patches a stage kept as
+    tokens (dominant patches, anchors), at 0.55 on patches merged into a kept contextual token and at 0.2
+    elsewhere, on the 8 x 8 grid of 8-px patches; which is which comes from inspect's JSON."""
+    import matplotlib.axes
+    import numpy as np
+
+    shown: list[np.ndarray] = []
+    imshow = matplotlib.axes.Axes.imshow
+
+    def recording(ax, data, *args, **kwargs):
+        shown.append(np.array(data))
+        return imshow(ax, data, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", recording)
+    out = tmp_path / "overlay.png"
+    args = ["--prompt", "Where is it?", "--budget", 12, "--json", "--overlay", out]
+    result = run("inspect", tiny_dir, "--image", image_file, *args)
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    view, stage1, *drops = shown
+    assert view.shape[:2] == (64, 64) and len(drops) == len(info["stage2"]) == 2
+    s1 = info["stage1"]
+    members = {c["anchor"]: c["members"] for c in s1["contextual"]}
+
+    def expected(tokens: list[str]) -> np.ndarray:
+        level = np.full(64, 0.2)
+        for kind, _, index in (t.partition(":") for t in tokens):
+            if kind == "context":
+                level[members[int(index)]] = 0.55
+        for kind, _, index in (t.partition(":") for t in tokens):
+            if kind in ("patch", "context"):
+                level[int(index)] = 1.0
+        return level
+
+    def lit(panel: np.ndarray) -> np.ndarray:
+        """The brightness of each patch: which of the three levels reproduces its pixels."""
+        level = np.full(64, np.nan)
+        for p in range(64):
+            r, c = divmod(p, 8)
+            block, seen = (
+                panel[8 * r : 8 * r + 8, 8 * c : 8 * c + 8],
+                view[8 * r : 8 * r + 8, 8 * c : 8 * c + 8],
+            )
+            for scale in (1.0, 0.55, 0.2):
+                if np.array_equal(block, (seen * scale).astype(np.uint8)):
+                    level[p] = scale
+                    break
+        return level
+
+    stage1_tokens = [f"patch:{p}" for p in s1["dominant"]] + [f"context:{a}" for a in members]
+    assert (expected(stage1_tokens) == 1.0).sum() == len(s1["dominant"]) + len(members)
+    np.testing.assert_array_equal(lit(stage1), expected(stage1_tokens))
+    for panel, drop in zip(drops, info["stage2"], strict=True):
+        np.testing.assert_array_equal(lit(panel), expected(drop["kept_tokens"]))
+    assert (lit(drops[-1]) == 0.2).all()  # the last drop keeps no visual token
+
+
 def test_explicit_knobs_and_saved_config(tiny_dir, image_file, tmp_path):
     cfg = tmp_path / "duet.json"
     result = run(

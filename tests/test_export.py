@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -138,13 +140,24 @@ def test_bundle_graphs_hold_single_duet_nodes_with_budgets(bundles, tiny_dir):
 
 
 def test_sampling_is_seeded(bundles):
+    """The same seed gives the same answer, another seed another one, and top_k=1 is greedy decoding."""
     vlm = OnnxVLM(bundles / "cpu", provider="cpu")
     settings = GenerationSettings(
         max_new_tokens=8, do_sample=True, temperature=1.5, top_k=20, top_p=0.9, seed=3
     )
     first = vlm.generate(_images(1), PROMPTS[:1], settings)[0].token_ids
     second = vlm.generate(_images(1), PROMPTS[:1], settings)[0].token_ids
-    assert first == second
+    assert first == second and len(first) == 8
+    other = vlm.generate(_images(1), PROMPTS[:1], replace(settings, seed=4))[0].token_ids
+    assert other != first
+    greedy = vlm.generate(_images(2), PROMPTS, GenerationSettings(max_new_tokens=8))
+    top1 = vlm.generate(
+        _images(2),
+        PROMPTS,
+        GenerationSettings(max_new_tokens=8, do_sample=True, temperature=1.5, top_k=1, seed=5),
+    )
+    assert [a.token_ids for a in top1] == [a.token_ids for a in greedy]
+    assert len(greedy[0].token_ids) == 8
 
 
 def test_io_binding_step_gives_the_same_tokens(bundles):

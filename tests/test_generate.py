@@ -70,7 +70,10 @@ def test_sampling_is_seeded_and_cache_consistent(tiny, images, prompts):
     torch.manual_seed(7)
     with torch.no_grad():
         other = tiny.model.generate(**inputs, max_new_tokens=12, do_sample=True, temperature=1.5)
+        greedy = tiny.model.generate(**inputs, max_new_tokens=12, do_sample=False)
+        top1 = tiny.model.generate(**inputs, max_new_tokens=12, do_sample=True, temperature=1.5, top_k=1)
     assert not torch.equal(other, runs[0])
+    assert torch.equal(top1, greedy) and not torch.equal(greedy, runs[0])
 
 
 def test_processor_prompts_are_shrunk_to_stage1_output(tiny, images, prompts):

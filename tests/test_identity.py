@@ -5,6 +5,7 @@ import torch
 
 from duet_export.compression import compress, decompress, is_compressed
 from duet_export.config import DuetConfig
+from duet_export.forward import DuetTrace
 from duet_export.inputs import prepare_inputs
 from duet_export.stages.budget import resolve_budget
 
@@ -35,12 +36,14 @@ def test_identity_logits_and_greedy_tokens(tiny, images, prompts, config, batch)
         ref_tokens = tiny.model.generate(**inputs, max_new_tokens=16, do_sample=False)
     compress(tiny.model, config)
     assert is_compressed(tiny.model)
+    trace = DuetTrace()
     with torch.no_grad():
-        out = tiny.model(**inputs).logits
+        out = tiny.model(**inputs, duet_trace=trace).logits
         tokens = tiny.model.generate(**inputs, max_new_tokens=16, do_sample=False)
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(out[real], ref[real], atol=1e-6, rtol=1e-6)
     assert torch.equal(tokens, ref_tokens)
+    assert sorted(trace.keep_index) == list(config.drop_layers)  # a ratio of 1.0 runs the drop path too
 
 
 def test_decompress_restores_stock_forward(tiny, images, prompts):

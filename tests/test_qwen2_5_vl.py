@@ -3,6 +3,9 @@ transformers (vision tower, generate, M-RoPE positions from `get_rope_index`) wi
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +22,7 @@ from duet_export.stages.budget import resolve_budget
 from duet_export.tiny import TinyQwenSpec, build_tiny_qwen2_5_vl
 
 from conftest import NEW_TOKENS, PROMPTS, check_conversation_batch, random_image, reference_generate
+from loops import loop_decoder, oracle_model, stock_qwen_stage1
 
 N = 64  # 224 x 224 px: 16 x 16 patches of 14, 8 x 8 merged tokens
 
@@ -124,17 +128,110 @@ def test_vision_tower_matches_stock_and_scores_received_attention(qwen_dir):
     torch.testing.assert_close(asked.cls_attention.detach(), out.cls_attention)
 
 
-def test_identity_at_full_budget_against_stock_generate(qwen_dir):
+def test_stage1_matches_a_loop_over_the_stock_vision_tower(qwen_dir):
+    """Kept patches and merged tokens against `stock_qwen_stage1`: the stock tower run as it is (window
+    order and all), scores read from its last block's own attention probabilities, 2 x 2 means in raster
+    order. Catches scores left in window order, which the bundle (traced from the same code) cannot."""
+    loaded = load(qwen_dir)
+    cfg = budget_config(loaded)
+    compress(loaded.model, cfg)
+    inputs = prepare_inputs(loaded.processor, loaded.adapter, images(), PROMPTS, cfg)
+    trace = DuetTrace()
+    with torch.no_grad():
+        loaded.model(**inputs, duet_trace=trace, use_cache=False, logits_to_keep=1)
+        kept, tokens = stock_qwen_stage1(
+            oracle_model(qwen_dir),
+            inputs["pixel_values"],
+            inputs["image_grid_thw"],
+            cfg.dominant,
+            cfg.contextual,
+            cfg.cluster_width,
+        )
+    assert cfg.contextual > 0
+    for b in range(2):
+        assert trace.stage1.kept[b].tolist() == kept[b], f"image {b}: other patches kept"
+        torch.testing.assert_close(trace.stage1.tokens[b], tokens[b], atol=1e-5, rtol=1e-5)
+
+
+def test_stage2_matches_a_loop_over_the_stock_decoder_with_kept_positions(qwen_dir):
+    """Kept indices and logits against `loop_decoder` on the stock decoder: the oracle's Stage-1 tokens at
+    their positions in the uncompressed prompt (stock `get_rope_index`), kept through each drop, scored
+    from each drop layer's own attention probabilities."""
+    loaded = load(qwen_dir)
+    cfg = budget_config(loaded)
+    compress(loaded.model, cfg)
+    inputs = prepare_inputs(loaded.processor, loaded.adapter, images(), PROMPTS, cfg)
+    trace = DuetTrace()
+    with torch.no_grad():
+        logits = loaded.model(**inputs, duet_trace=trace, use_cache=False).logits
+    oracle = oracle_model(qwen_dir)
+    full = prepare_inputs(loaded.processor, loaded.adapter, images(), PROMPTS)
+    image = loaded.adapter.image_token_id
+    v = cfg.dominant + cfg.contextual
+    schedule = {
+        layer: math.floor(Fraction(str(r)) * v)
+        for layer, r in zip(cfg.drop_layers, cfg.keep_ratios, strict=True)
+    }
+    with torch.no_grad():
+        kept, tokens = stock_qwen_stage1(
+            oracle,
+            full["pixel_values"],
+            full["image_grid_thw"],
+            cfg.dominant,
+            cfg.contextual,
+            cfg.cluster_width,
+        )
+        positions, _ = oracle.model.get_rope_index(
+            full["input_ids"],
+            mm_token_type_ids=full["mm_token_type_ids"],
+            image_grid_thw=full["image_grid_thw"],
+            attention_mask=full["attention_mask"],
+        )
+        for b in range(2):
+            real = full["attention_mask"][b].bool()
+            ids = full["input_ids"][b][real]
+            rank = (ids == image).long().cumsum(0) - 1
+            rows = [i for i in range(len(ids)) if ids[i] != image or int(rank[i]) in kept[b]]
+            embeds = oracle.model.language_model.embed_tokens(ids[rows]).clone()
+            visual = ids[rows] == image
+            embeds[visual] = tokens[b]
+            # the salient words of the compressed prompt, on the same text tokens
+            ours = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
+            salient = inputs["duet_query_mask"][b][inputs["attention_mask"][b].bool()]
+            assert torch.equal(ours[ours != image], ids[rows][~visual])
+            query = torch.zeros(len(rows), dtype=torch.bool)
+            query[~visual] = salient[ours != image]
+            dropped, ref_logits, _ = loop_decoder(
+                oracle, embeds, positions[:, b, real][:, rows], visual, query, schedule, cfg.query,
+                recompact=False,
+            )  # fmt: skip
+            for layer, indices in dropped.items():
+                assert trace.stage2[layer][b].tolist() == indices, f"sample {b}, drop before layer {layer}"
+            torch.testing.assert_close(logits[b][-len(ref_logits) :], ref_logits, atol=1e-4, rtol=1e-5)
+
+
+# Every merged token kept through both stages' code: Stage 1's merge path keeping all N, Stage 2's drop path
+# keeping ratio 1.0 (with the M-RoPE positions of the kept tokens and the decode offsets of each group).
+KEEP_ALL = DuetConfig(dominant=N, contextual=0, drop_layers=(2, 5), keep_ratios=(1.0, 1.0))
+
+
+@pytest.mark.parametrize("config", ["budget=N", KEEP_ALL], ids=["budget-N", "both-stages-keep-all"])
+def test_identity_at_full_budget_against_stock_generate(qwen_dir, config):
     loaded = load(qwen_dir)
     inputs = prepare_inputs(loaded.processor, loaded.adapter, images(), PROMPTS)
     assert not bool(inputs["attention_mask"].all())  # the prompts differ in length: left padding
     stock, stock_logits = reference_generate(loaded, inputs, 12)
-    config = resolve_budget(N, loaded.adapter.geometry(), rules=loaded.adapter.rules)
-    assert not config.enabled
+    if config == "budget=N":
+        config = resolve_budget(N, loaded.adapter.geometry(), rules=loaded.adapter.rules)
+        assert not config.enabled
     compress(loaded.model, config)
     trace = DuetTrace()
     ours, our_logits = reference_generate(loaded, {**inputs, "duet_trace": trace}, 12)
     assert trace.visual_tokens == N  # the compressed forward ran
+    if config.enabled:  # the stages' code ran, and removed nothing
+        assert trace.stage1.kept.tolist() == [list(range(N))] * 2
+        assert sorted(trace.keep_index) == [2, 5]
+        assert all(torch.equal(k, torch.arange(k.shape[1]).expand_as(k)) for k in trace.keep_index.values())
     np.testing.assert_array_equal(stock, ours)
     for step in (0, 5, 11):
         np.testing.assert_allclose(stock_logits[step], our_logits[step], atol=1e-5)

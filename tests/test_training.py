@@ -11,17 +11,21 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from duet_export.cli import cli
+from duet_export.compression import compress
+from duet_export.config import DuetConfig
 from duet_export.data.griddigits import GridSpec, box_patches, build_griddigits
 from duet_export.data.records import read_llava_json, read_questions
 from duet_export.errors import DuetError
 from duet_export.evaluation import evaluate, normalize_answer
 from duet_export.export.bundle import ExportOptions, export_bundle
+from duet_export.forward import DuetTrace
 from duet_export.loading import load
 from duet_export.prompts import encode_follow_up
 from duet_export.runtimes import OnnxVLM
-from duet_export.training import TrainSettings, VQACollator, squeezed_positions, train
+from duet_export.training import TrainSettings, VQACollator, parse_parts, squeezed_positions, train
 
 from conftest import bundle_config, check_conversation_batch
+from loops import loop_decoder, loop_v2v, oracle_model, stock_clip_stage1_inputs
 
 SPEC = GridSpec(rows=2, cols=2, cell=32, digit=24, train_images=12, test_images=4, seed=3)
 
@@ -62,6 +66,20 @@ def test_griddigits_is_deterministic_and_splits_are_disjoint(grid, tmp_path):
     reads = [e for e in examples if e.question.startswith("Read row ")]
     assert len(reads) == SPEC.train_images and all(len(e.answer.split()) == SPEC.cols for e in reads)
     assert sum(e.question == "Which digits are in the image?" for e in examples) == SPEC.train_images
+
+
+def test_griddigits_augment_distorts_training_digits_only(grid, tmp_path):
+    """`--augment`: training digits become distortions of their scans; the test split (questions, layout and
+    every test image) stays byte for byte what it is without it."""
+    augmented = tmp_path / "augmented"
+    build_griddigits(augmented, replace(SPEC, augment=True), echo=lambda m: None)
+    for name in ("test.jsonl", "test_layout.jsonl"):
+        assert (augmented / name).read_bytes() == (grid / name).read_bytes(), name
+    tests = sorted((grid / "images").glob("test_*.png"))
+    assert len(tests) == SPEC.test_images
+    assert all(p.read_bytes() == (augmented / "images" / p.name).read_bytes() for p in tests)
+    trains = sorted((grid / "images").glob("train_*.png"))
+    assert sum(p.read_bytes() != (augmented / "images" / p.name).read_bytes() for p in trains) == len(trains)
 
 
 def test_griddigits_extra_training_counts_ask_about_shown_digits(grid, tmp_path):
@@ -288,6 +306,53 @@ def test_a_conversation_without_a_chat_template_is_a_one_line_error(tiny, conver
         encode_follow_up(tiny.processor, conversation.turns[:1], conversation.turns[1][0])
 
 
+@pytest.mark.parametrize("query", ["salient", "all"])
+def test_a_training_forward_keeps_what_a_loop_keeps_querying_only_the_instruction(
+    tiny_dir, conversation_grid, query
+):
+    """Kept indices, logits and loss of a training forward (labels given) against `loop_decoder` on the
+    stock modules: only label-ignored text after the image queries (the final prompt token being the one
+    before the first answer), and the labels of dropped tokens are dropped with them."""
+    loaded = load(tiny_dir)
+    cfg = DuetConfig(dominant=20, contextual=6, drop_layers=(4, 6), keep_ratios=(0.5, 0.25), query=query)
+    compress(loaded.model, cfg)
+    batch = VQACollator(loaded, cfg)(read_llava_json(conversation_grid / "train.json")[:2])
+    assert (batch["labels"] != -100).any(dim=1).all()  # answers to learn: the labels rule applies
+    trace = DuetTrace()
+    with torch.no_grad():
+        out = loaded.model(**batch, duet_trace=trace, use_cache=False)
+    oracle = oracle_model(tiny_dir)
+    v = cfg.dominant + cfg.contextual
+    schedule = {4: v // 2, 6: v // 4}
+    total, count = torch.zeros(()), 0
+    with torch.no_grad():
+        hidden, scores, keys = stock_clip_stage1_inputs(
+            oracle.model.vision_tower, batch["pixel_values"], oracle.config.vision_feature_layer
+        )
+        for b in range(2):
+            tokens, *_ = loop_v2v(
+                hidden[b], scores[b], keys[b], cfg.dominant, cfg.contextual, cfg.cluster_width
+            )
+            real = batch["attention_mask"][b].bool()
+            ids, labels = batch["input_ids"][b][real], batch["labels"][b][real]
+            visual = ids == loaded.adapter.image_token_id
+            embeds = oracle.model.language_model.embed_tokens(ids).clone()
+            embeds[visual] = oracle.model.multi_modal_projector(tokens)
+            kept, logits, kept_labels = loop_decoder(
+                oracle, embeds, torch.arange(len(ids)), visual, batch["duet_query_mask"][b][real], schedule,
+                query, recompact=True, labels=labels.tolist(),
+            )  # fmt: skip
+            for layer, indices in kept.items():
+                assert trace.stage2[layer][b].tolist() == indices, f"sample {b}, drop before layer {layer}"
+            torch.testing.assert_close(out.logits[b][-len(logits) :], logits, atol=1e-4, rtol=1e-5)
+            shifted = torch.tensor(kept_labels[1:])
+            total += torch.nn.functional.cross_entropy(
+                logits[:-1], shifted, ignore_index=-100, reduction="sum"
+            )
+            count += int((shifted != -100).sum())
+    torch.testing.assert_close(out.loss, total / count, atol=1e-5, rtol=1e-5)
+
+
 def _weights(path):
     return load_file(str(path / "model.safetensors"))
 
@@ -306,14 +371,35 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tiny_dir, con
     assert json.loads((tmp_path / "run" / "duet_config.json").read_text())["drop_layers"] == [4, 6]
 
 
-def test_frozen_parts_do_not_change(tiny_dir, grid, tmp_path):
+def _changed_parts(tiny_dir, grid, out, parts: str) -> dict[str, list[bool]]:
+    """Train one step with `--train parts`; per part, whether each of its parameter tensors changed."""
     loaded = load(tiny_dir)
-    before = {k: v.clone() for k, v in loaded.model.model.vision_tower.state_dict().items()}
-    examples = read_llava_json(grid / "train.json")[:4]
-    settings = TrainSettings(steps=2, batch_size=2, warmup_steps=0, progress=False)  # projector + llm
-    train(loaded, examples, tmp_path / "run", None, settings, echo=lambda m: None)
-    after = loaded.model.model.vision_tower.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    groups = loaded.adapter.parameter_groups()
+    before = {name: [p.detach().clone() for p in params] for name, params in groups.items()}
+    settings = TrainSettings(steps=1, batch_size=2, warmup_steps=0, progress=False, train=parse_parts(parts))
+    train(loaded, read_llava_json(grid / "train.json")[:4], out, None, settings, echo=lambda m: None)
+    return {
+        name: [not torch.equal(b, p.detach()) for b, p in zip(before[name], params, strict=True)]
+        for name, params in groups.items()
+    }
+
+
+def test_frozen_parts_do_not_change(tiny_dir, grid, tmp_path):
+    """The default `--train projector,llm`: the vision tower stays as it was, every projector and decoder
+    tensor moves."""
+    assert TrainSettings().train == ("projector", "llm")
+    changed = _changed_parts(tiny_dir, grid, tmp_path / "run", "projector,llm")
+    assert not any(changed["vision"])
+    assert all(changed["projector"]) and all(changed["llm"])
+
+
+def test_train_vision_or_all(tiny_dir, grid, tmp_path):
+    """`--train vision` moves the tower (the layers up to the feature layer) and nothing else; `--train all`
+    moves all three parts."""
+    changed = _changed_parts(tiny_dir, grid, tmp_path / "vision", "vision")
+    assert any(changed["vision"]) and not any(changed["projector"]) and not any(changed["llm"])
+    changed = _changed_parts(tiny_dir, grid, tmp_path / "all", "all")
+    assert any(changed["vision"]) and all(changed["projector"]) and all(changed["llm"])
 
 
 def test_squeezed_positions_give_the_visual_block_a_random_shorter_span():

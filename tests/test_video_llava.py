@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from duet_export import GenerationSettings, compress, prepare_inputs
+from duet_export import DuetConfig, GenerationSettings, compress, prepare_inputs
 from duet_export.errors import DuetError
 from duet_export.export.bundle import ExportOptions, export_bundle
 from duet_export.forward import DuetTrace
@@ -18,6 +18,7 @@ from duet_export.stages.budget import resolve_budget
 from duet_export.tiny import TinyLlavaSpec, build_tiny_video_llava
 
 from conftest import NEW_TOKENS, PROMPTS, random_image, reference_generate
+from loops import loop_decoder, loop_v2v, oracle_model, ranked_with_margin, stock_clip_stage1_inputs
 
 FRAMES = 4
 
@@ -35,7 +36,8 @@ def clip(seed: int, size: int = 64) -> list[Image.Image]:
 
 def budget_config(loaded):
     """The paper's ~93 % video setting scaled to the tiny clip (4 frames x 64 patches)."""
-    return resolve_budget(0.066 * loaded.adapter.geometry().total_patches, loaded.adapter.geometry())
+    geometry = loaded.adapter.geometry()
+    return resolve_budget(0.066 * geometry.total_patches, geometry, rules=loaded.adapter.rules)
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +58,32 @@ def test_loads_with_frames_from_config(video_dir):
     assert loaded.adapter.uncompressed_tokens_per_image == 65  # video frames keep CLS
 
 
-def test_identity_at_full_budget_against_stock_generate(video_dir):
+# Every patch kept through both stages' code: Stage 1 keeps CLS + all 64 patches per frame through the merge
+# path (a video frame feeds all 65 tokens, as the stock model), Stage 2 keeps ratio 1.0 through the drop path.
+KEEP_ALL = DuetConfig(dominant=65, contextual=0, drop_layers=(2, 5), keep_ratios=(1.0, 1.0))
+
+
+@pytest.mark.parametrize("config", ["budget=N", KEEP_ALL], ids=["budget-N", "both-stages-keep-all"])
+def test_identity_at_full_budget_against_stock_generate(video_dir, config):
     loaded = load(video_dir)
     clips = [clip(1), clip(2, size=80)]
     inputs = prepare_inputs(loaded.processor, loaded.adapter, clips, PROMPTS)
     assert inputs["pixel_values_videos"].shape == (2, FRAMES, 3, 64, 64)
     assert int((inputs["input_ids"][0] == loaded.adapter.image_token_id).sum()) == FRAMES * 65
     stock, stock_logits = reference_generate(loaded, inputs, 12)
-    compress(loaded.model, resolve_budget(loaded.adapter.geometry().total_patches, loaded.adapter.geometry()))
-    ours, our_logits = reference_generate(loaded, inputs, 12)
+    if config == "budget=N":
+        config = resolve_budget(loaded.adapter.geometry().total_patches, loaded.adapter.geometry())
+    compress(loaded.model, config)
+    trace = DuetTrace()
+    ours, our_logits = reference_generate(loaded, {**inputs, "duet_trace": trace}, 12)
     np.testing.assert_array_equal(stock, ours)
     np.testing.assert_allclose(stock_logits[0], our_logits[0], atol=1e-5)
+    if config.enabled:  # the stages' code ran, and removed nothing
+        assert trace.stage1.dominant.tolist() == [list(range(64))] * (2 * FRAMES)
+        assert sorted(trace.keep_index) == [2, 5]
+        assert all(torch.equal(k, torch.arange(k.shape[1]).expand_as(k)) for k in trace.keep_index.values())
+        for step in (5, 11):
+            np.testing.assert_allclose(stock_logits[step], our_logits[step], atol=1e-5)
 
 
 def test_stage1_per_frame_and_stage2_over_the_clip(video_dir):
@@ -86,6 +103,52 @@ def test_stage1_per_frame_and_stage2_over_the_clip(video_dir):
     # Stage 2 ranks the whole clip: what it keeps may come from any frame.
     assert len(kept) == int(cfg.keep_ratios[0] * FRAMES * per_frame)
     assert int(kept.max()) < FRAMES * per_frame
+
+
+def test_stage1_per_frame_and_one_stage2_ranking_over_the_clip_match_a_loop(video_dir):
+    """Kept indices and logits against loops over the stock modules: Stage 1 by `loop_v2v` on each frame's
+    stock CLIP feature layer (its own attention probabilities), the frames' tokens in order, then one
+    Stage-2 ranking over all of the clip's visual tokens on the stock decoder."""
+    loaded = load(video_dir)
+    cfg = DuetConfig(dominant=12, contextual=4, drop_layers=(2, 5), keep_ratios=(0.5, 0.25))
+    compress(loaded.model, cfg)
+    clips = [clip(4), clip(5, size=80)]
+    inputs = prepare_inputs(loaded.processor, loaded.adapter, clips, PROMPTS, cfg)
+    trace = DuetTrace()
+    with torch.no_grad():
+        logits = loaded.model(**inputs, duet_trace=trace, use_cache=False).logits
+    oracle = oracle_model(video_dir)
+    per_frame = cfg.dominant + cfg.contextual
+    v = FRAMES * per_frame
+    schedule = {2: v // 2, 5: v // 4}
+    with torch.no_grad():
+        pixels = inputs["pixel_values_videos"].flatten(0, 1)
+        hidden, scores, keys = stock_clip_stage1_inputs(
+            oracle.model.video_tower, pixels, oracle.config.vision_feature_layer
+        )
+        features = []
+        for f in range(len(pixels)):
+            ranked_with_margin(scores[f].tolist(), cfg.dominant - 1, f"frame {f} dominant")
+            tokens, dominant, *_ = loop_v2v(
+                hidden[f], scores[f], keys[f], cfg.dominant, cfg.contextual, cfg.cluster_width
+            )
+            assert trace.stage1.dominant[f].tolist() == dominant, f"frame {f}"
+            features.append(oracle.model.multi_modal_projector(tokens))
+        for b in range(2):
+            real = inputs["attention_mask"][b].bool()
+            ids = inputs["input_ids"][b][real]
+            visual = ids == loaded.adapter.image_token_id
+            embeds = oracle.model.language_model.embed_tokens(ids).clone()
+            embeds[visual] = torch.cat(features[b * FRAMES : (b + 1) * FRAMES])
+            kept, ref_logits, _ = loop_decoder(
+                oracle, embeds, torch.arange(len(ids)), visual, inputs["duet_query_mask"][b][real],
+                schedule, cfg.query, recompact=True,
+            )  # fmt: skip
+            for layer, indices in kept.items():
+                assert trace.stage2[layer][b].tolist() == indices, f"clip {b}, drop before layer {layer}"
+            # what survives the first drop comes from several frames: one ranking, not one per frame
+            assert len({i // per_frame for i in kept[2]}) > 1
+            torch.testing.assert_close(logits[b][-len(ref_logits) :], ref_logits, atol=1e-4, rtol=1e-5)
 
 
 def test_bundle_matches_pytorch(video_dir, video_bundle):

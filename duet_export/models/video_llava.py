@@ -4,6 +4,7 @@ The same CLIP + Llama layout as LLaVA-1.5, with its own video tower. A clip is `
 that tower; every frame keeps its CLS token (the stock model feeds all 1 + N tokens per frame), Stage 1
 merges per frame and Stage 2 ranks all visual tokens of the clip together. The frame count is the one the
 checkpoint was trained with: `video_seq_length / (1 + N)` (8 for LanguageBind/Video-LLaVA-7B-hf).
+Budgets resolve with the reference's video setting (`VIDEO_LLAVA_RULES`: 960 -> 160 + 32 per frame).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 
 from duet_export.errors import DuetError
 from duet_export.models.llava import LlavaAdapter
+from duet_export.stages.budget import VIDEO_LLAVA_RULES
 
 __all__ = ["VideoLlavaAdapter"]
 
@@ -21,6 +23,7 @@ class VideoLlavaAdapter(LlavaAdapter):
     family = "video-llava"
     model_classes = ("VideoLlavaForConditionalGeneration",)
     media = "video"
+    rules = VIDEO_LLAVA_RULES  # the reference's clip setting, not the image one (see stages/budget.py)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -13,6 +13,16 @@ The rules follow the reference settings of DUET-VLM on LLaVA-1.5-7B (N = 576, L 
    the anchors are the paper's 192-token setting (300 + 7 of V = 307) and the 128-token setting of the
    reference README (170 + 35 of V = 205); so 64 resolves to 85 + 17 of V = 102.
 4. B = N (every token) resolves to compression off; B > N or a budget no V can meet is an error.
+
+Video (Video-LLaVA, `VIDEO_LLAVA_RULES`): the same schedule, and the contextual share of the reference's one
+video setting, 160 + 32 per frame (32/192 of V), held at every budget; its scripts use no other. On
+Video-LLaVA-7B geometry (8 frames x 256 patches, L = 32), where the average is 0.625 V:
+
+- 960 resolves to 160 + 32 per frame, drops [16, 24] keeping [0.5, 0.0]: V = 1536, average exactly 960.
+- 136 (the paper's 93.4 % setting) resolves to 23 + 4 per frame with the same drops: V = 216, average 135.
+  No V averages exactly 136 (that needs V = 217.6, and V is a multiple of the 8 frames); 216 is the largest
+  that fits (224 averages 140). Its contextual count is 27 x 32/192 = 4.5, which `round` takes to 4. The
+  reference publishes no Stage-1 setting of its own for 136.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from dataclasses import dataclass, field
 from duet_export.config import DuetConfig, Geometry
 from duet_export.errors import DuetError
 
-__all__ = ["LLAVA_RULES", "BudgetReport", "ReferenceRules", "report", "resolve_budget"]
+__all__ = ["LLAVA_RULES", "VIDEO_LLAVA_RULES", "BudgetReport", "ReferenceRules", "report", "resolve_budget"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,9 @@ class ReferenceRules:
 
 
 LLAVA_RULES = ReferenceRules()
+# Video-LLaVA: the reference's clip setting (AMD-AGI/DUET-VLM scripts/videollava: dominant 160, contextual 32,
+# layers [16, 24], ratios [0.5, 0.0]), average 960 of 2048; one anchor, so its share holds at every budget.
+VIDEO_LLAVA_RULES = ReferenceRules(contextual_anchors=((960 / 2048, 32 / 192),))
 
 
 def _config_for(
