@@ -36,10 +36,12 @@ def _force_option(what: str):
     )
 
 
-def _load(model_dir: str, device: str = "cpu"):
+def _load(model_dir: str, device: str = "cpu", dtype=None):
+    import torch
+
     from duet_export.loading import load
 
-    return load(model_dir, device=device)
+    return load(model_dir, dtype=dtype or torch.float32, device=device)
 
 
 class _Group(click.Group):
@@ -224,24 +226,43 @@ def _visual_tokens(image: dict) -> str:
 @click.option("--max-prompt", type=int, default=64, show_default=True, help="Text tokens a prompt may take.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Cache room for new tokens.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Prompts per run (fixed).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    help="Float type the graphs compute in (default: float32 for cpu, float16 for cuda and migraphx).",
+)
+@click.option(
+    "--weights",
+    type=click.Choice(["float", "int8", "int4"]),
+    default="float",
+    show_default=True,
+    help="Weight-only quantization of the decoder's and projector's linear layers (onnxruntime's).",
+)
+@click.option("--block-size", type=int, default=128, show_default=True, help="int4/int8: weights per scale.")
+@click.option("--symmetric", is_flag=True, help="int4/int8: symmetric quantization (no zero points).")
+@click.option("--quantize-vision", is_flag=True, help="int4/int8: the vision tower's linear layers too.")
 @_force_option("bundle")
 def export_cmd(
-    model_dir, out_dir, no_compress, target, max_prompt, max_new_tokens, batch, force, **opts
-) -> None:
+    model_dir, out_dir, no_compress, target, max_prompt, max_new_tokens, batch, dtype, weights, block_size,
+    symmetric, quantize_vision, force, **opts,
+) -> None:  # fmt: skip
     """Compile MODEL_DIR with a fixed budget into an onnxruntime bundle in OUT_DIR."""
     from duet_export.export.bundle import ExportOptions, export_bundle
+    from duet_export.export.precision import DTYPES, Precision, default_dtype
     from duet_export.outputs import BUNDLE, check_output_folder
 
-    options = ExportOptions(
-        target=target, max_prompt=max_prompt, max_new_tokens=max_new_tokens, batch=batch
-    ).validate()
+    dtype = dtype or default_dtype(target)
+    precision = Precision(weights, block_size, symmetric, quantize_vision)
+    options = ExportOptions(target, max_prompt, max_new_tokens, batch, precision).validate(dtype)
     check_output_folder(out_dir, BUNDLE, inputs=[model_dir, opts.get("config_file")], force=force)
-    loaded = _load(model_dir)
+    loaded = _load(model_dir, dtype=DTYPES[dtype])
     config = config_or_baseline(loaded.adapter, no_compress, **opts)
     manifest = export_bundle(loaded, out_dir, config, options, echo=click.echo, force=force)
     budget = manifest["budget"]
     click.echo(
-        f"bundle written to {out_dir}: target {target}, {_visual_tokens(manifest['image'])} visual tokens "
+        f"bundle written to {out_dir}: target {target}, {dtype}"
+        + (f" with {weights} weights" if weights != "float" else "")
+        + f", {_visual_tokens(manifest['image'])} visual tokens "
         f"into the decoder, {budget['average_tokens']:.2f} on average per layer"
     )
 
@@ -365,6 +386,7 @@ def passes_list() -> None:
     click.echo("")
     for target, names in PIPELINES.items():
         click.echo(f"--target {target:<9} {' -> '.join(names)}")
+    click.echo("--weights int8|int4: quantize runs first (before the stage nodes are lowered)")
 
 
 @cli.group("data")

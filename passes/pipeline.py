@@ -10,18 +10,30 @@ import onnx_ir as ir
 from duet_export.passes.cleanup import CleanupPass
 from duet_export.passes.fix_shapes import FixShapesPass
 from duet_export.passes.lower import LowerDuetOpsPass
+from duet_export.passes.quantize import QuantizeSettings, QuantizeWeightsPass
+from duet_export.passes.upcast import UpcastUnsupportedPass
 from duet_export.passes.verify import VerifyPass, VerifyReport
 
-__all__ = ["PASSES", "PIPELINES", "TARGETS", "PassInfo", "run_pipeline"]
+__all__ = ["PASSES", "PIPELINES", "TARGETS", "PassContext", "PassInfo", "run_pipeline"]
 
 TARGETS = ("cpu", "cuda", "migraphx")
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What a pass may need to know about the graph it runs on."""
+
+    target: str
+    graph: str = "model"
+    quantize: QuantizeSettings | None = None  # --weights int4|int8; None: keep the float weights
+    quantize_weights: frozenset[str] | None = None  # digests of the weights to quantize (None: all)
 
 
 @dataclass(frozen=True)
 class PassInfo:
     name: str
     cls: type[ir.passes.PassBase]
-    make: Callable[[str, str], ir.passes.PassBase]
+    make: Callable[[PassContext], ir.passes.PassBase]
 
     @property
     def summary(self) -> str:
@@ -29,26 +41,35 @@ class PassInfo:
 
 
 PASSES: dict[str, PassInfo] = {
-    "lower": PassInfo("lower", LowerDuetOpsPass, lambda target, graph: LowerDuetOpsPass()),
-    "fix-shapes": PassInfo("fix-shapes", FixShapesPass, lambda target, graph: FixShapesPass()),
-    "cleanup": PassInfo("cleanup", CleanupPass, lambda target, graph: CleanupPass()),
-    "verify": PassInfo("verify", VerifyPass, lambda target, graph: VerifyPass(target, graph)),
+    "quantize": PassInfo(
+        "quantize", QuantizeWeightsPass, lambda c: QuantizeWeightsPass(c.quantize, c.quantize_weights)
+    ),
+    "lower": PassInfo("lower", LowerDuetOpsPass, lambda c: LowerDuetOpsPass()),
+    "fix-shapes": PassInfo("fix-shapes", FixShapesPass, lambda c: FixShapesPass()),
+    "upcast": PassInfo("upcast", UpcastUnsupportedPass, lambda c: UpcastUnsupportedPass()),
+    "cleanup": PassInfo("cleanup", CleanupPass, lambda c: CleanupPass()),
+    "verify": PassInfo("verify", VerifyPass, lambda c: VerifyPass(c.target, c.graph)),
 }
 
 PIPELINES: dict[str, tuple[str, ...]] = {
     # onnxruntime runs the duet nodes through their function bodies: keep them, readable and inspectable.
-    "cpu": ("cleanup", "verify"),
+    "cpu": ("upcast", "cleanup", "verify"),
     # static compilers (CUDA graphs, MIGraphX) get standard ops and static shapes only.
-    "cuda": ("lower", "fix-shapes", "cleanup", "verify"),
-    "migraphx": ("lower", "fix-shapes", "cleanup", "verify"),
+    "cuda": ("lower", "fix-shapes", "upcast", "cleanup", "verify"),
+    "migraphx": ("lower", "fix-shapes", "upcast", "cleanup", "verify"),
 }
 
 
-def run_pipeline(
-    model: ir.Model, target: str, graph_name: str = "model"
-) -> tuple[list[str], list[VerifyReport]]:
-    """Apply the target's pipeline in place; returns the pass names applied and the verify reports."""
-    passes = [PASSES[name].make(target, graph_name) for name in PIPELINES[target]]
-    ir.passes.Sequential(*passes)(model)
+def pipeline_of(context: PassContext) -> tuple[str, ...]:
+    """The passes a graph gets: its target's pipeline, after `quantize` when weights are quantized (the
+    stage nodes are still whole then, so they are never quantized)."""
+    return (("quantize",) if context.quantize else ()) + PIPELINES[context.target]
+
+
+def run_pipeline(model: ir.Model, context: PassContext) -> tuple[ir.Model, list[str], list[VerifyReport]]:
+    """Apply the pipeline; returns the resulting model, the pass names applied and the verify reports."""
+    names = pipeline_of(context)
+    passes = [PASSES[name].make(context) for name in names]
+    model = ir.passes.Sequential(*passes)(model).model
     reports = [p.report for p in passes if isinstance(p, VerifyPass)]
-    return list(PIPELINES[target]), reports
+    return model, list(names), reports

@@ -105,7 +105,7 @@ class OnnxVLM:
         self.max_new_tokens = int(m["options"]["max_new_tokens"])
         width = {o.name: o.shape for o in self.bundle.sessions["step"].get_outputs()}["logits"][-1]
         self.vocab_size = width if isinstance(width, int) else None
-        self.float_dtype = np.float16 if m["dtype"] == "float16" else np.float32
+        self.float_dtype = self.bundle.pixel_dtype
         if hasattr(type(self.processor), "duet_image_size"):  # resizes every image to the bundle's size
             self.processor.duet_image_size = tuple(int(x) for x in m["image"]["size"])
 

@@ -49,6 +49,7 @@ class Bundle:
     sessions: dict[str, ort.InferenceSession]
     provider: str
     settings: ProviderSettings
+    pixel_dtype: type = np.float32  # what the vision graph takes pixels as
 
     @classmethod
     def open(
@@ -75,6 +76,11 @@ class Bundle:
         except Exception as e:
             raise DuetError(f"{root}: cannot load the tokenizer/processor files: {one_line(e)}") from None
         # Only the step graph is replayed as a CUDA graph: vision and prefill run once per prompt.
+        if manifest["dtype"] == "bfloat16" and providers[0][0] == "CPUExecutionProvider":
+            raise DuetError(
+                f"{root} is a bfloat16 bundle, which needs a GPU provider: onnxruntime's CPU provider has no "
+                "bfloat16 kernels for most ops; export with --dtype float32 (or float16) for the CPU"
+            )
         once = select_providers(provider, replace(settings, cuda_graph=False)) if settings else providers
         sessions = {
             name: open_session(
@@ -84,4 +90,20 @@ class Bundle:
             )
             for name in GRAPHS
         }
-        return cls(root, manifest, processor, sessions, providers[0][0], settings or ProviderSettings())
+        pixels = _pixel_dtype(root, manifest, sessions["vision"])
+        return cls(
+            root, manifest, processor, sessions, providers[0][0], settings or ProviderSettings(), pixels
+        )
+
+
+def _pixel_dtype(root: Path, manifest: dict[str, Any], vision: ort.InferenceSession) -> type:
+    """The numpy type the vision graph takes pixels in; a one-line error if the manifest's dtype says
+    otherwise (a bundle whose manifest and graphs disagree is not one we wrote)."""
+    taken = {i.name: i.type for i in vision.get_inputs()}.get("pixel_values")
+    expected = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(float)"}
+    if taken != expected.get(manifest["dtype"]):
+        raise DuetError(
+            f"{root}: the manifest says {manifest['dtype']} but vision.onnx takes pixels as {taken}: the "
+            "bundle's manifest and graphs disagree"
+        )
+    return np.float16 if taken == "tensor(float16)" else np.float32

@@ -194,6 +194,10 @@ def _flip_byte(folder: Path, manifest: dict) -> None:
     path.write_bytes(bytes(data))
 
 
+def _claim_float16(folder: Path, manifest: dict) -> None:
+    manifest["dtype"] = "float16"  # the graphs are float32
+
+
 def _drop(key: str) -> Callable[[Path, dict], None]:
     return lambda folder, manifest: manifest.pop(key)
 
@@ -304,6 +308,19 @@ CASES: list[tuple[str, Callable[[World], list], str]] = [
      "line 2: 'text' must be a string"),
     ("eval-unreadable-image", lambda w: ["eval", w.bundle, w.questions([Q, {**Q, "image": "bad.png"}])],
      "line 2"),
+    # --- precision
+    ("int4-on-migraphx", lambda w: ["export", w.model, w.tmp / "b", "--budget", 20, "--target", "migraphx",
+     "--weights", "int4"], "MIGraphX"),
+    ("int8-on-migraphx-float16", lambda w: ["export", w.model, w.tmp / "b", "--budget", 20, "--target",
+     "migraphx", "--weights", "int8"], "--dtype float32"),
+    ("quantize-vision-alone", lambda w: ["export", w.model, w.tmp / "b", "--budget", 20, "--quantize-vision"],
+     "--weights int8 or int4"),
+    ("block-size-not-power-of-two", lambda w: ["export", w.model, w.tmp / "b", "--budget", 20, "--weights",
+     "int4", "--block-size", 100], "power of two"),
+    ("unknown-dtype", lambda w: ["export", w.model, w.tmp / "b", "--budget", 20, "--dtype", "float8"],
+     "float8"),
+    ("manifest-dtype-disagrees", lambda w: ["run", w.bundle_copy(_claim_float16, relist=True), "--image",
+     w.image, "--prompt", "hi"], "disagree"),
     ("model-no-tokenizer", lambda w: ["compress", w.model_copy(lambda f: (f / "tokenizer.json").unlink()),
      "--budget", 20], "no tokenizer files"),
 ]

@@ -69,7 +69,7 @@ def test_check_and_passes_list(bundles):
     result = run("check", bundles / "cpu", "--target", "migraphx")
     assert result.exit_code == 1 and "duet.T2VDrop" in result.stdout
     result = run("passes", "list")
-    assert result.exit_code == 0 and "lower -> fix-shapes -> cleanup -> verify" in result.stdout
+    assert result.exit_code == 0 and "lower -> fix-shapes -> upcast -> cleanup -> verify" in result.stdout
 
 
 def test_failed_export_leaves_nothing_behind(tiny_dir, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,11 @@ from duet_export.export.manifest import (
     list_bundle_files,
     tool_versions,
 )
+from duet_export.export.precision import Precision, dtype_name, weight_digests
 from duet_export.forward import DuetForward
 from duet_export.loading import LoadedModel
 from duet_export.outputs import BUNDLE, replace_folder
-from duet_export.passes.pipeline import TARGETS, run_pipeline
+from duet_export.passes.pipeline import TARGETS, PassContext, run_pipeline
 from duet_export.passes.verify import weight_bytes
 from duet_export.stages.budget import report
 
@@ -50,13 +51,17 @@ class ExportOptions:
     max_prompt: int = 64  # text tokens of a prompt, image placeholders not counted
     max_new_tokens: int = 32
     batch: int = 1
+    precision: Precision = field(default_factory=Precision)  # weight storage (the dtype is the model's)
 
-    def validate(self) -> ExportOptions:
+    def validate(self, dtype: str | None = None) -> ExportOptions:
+        """Check the options (and the weights against the target and `dtype`, when given)."""
         if self.target not in TARGETS:
             raise DuetError(f"unknown target {self.target!r} (choose from {', '.join(TARGETS)})")
         for name in ("max_prompt", "max_new_tokens", "batch"):
             if getattr(self, name) < 1:
                 raise DuetError(f"{name.replace('_', '-')} must be at least 1")
+        if dtype is not None:
+            self.precision.validate(self.target, dtype)
         return self
 
 
@@ -120,7 +125,8 @@ def export_bundle(
 
     `out_dir` follows `duet_export.outputs`' rule: absent, empty, or (with `force`) an earlier bundle.
     """
-    options = (options or ExportOptions()).validate()
+    dtype = next(loaded.model.parameters()).dtype
+    options = (options or ExportOptions()).validate(dtype_name(dtype))
     adapter = loaded.adapter
     geometry = adapter.geometry()
     config = config or DuetConfig()
@@ -137,10 +143,10 @@ def export_bundle(
     head_dim = adapter.attention_parts(adapter.decoder_layers[0]).head_dim
     image_size = adapter.image_size  # an int (square) or (height, width)
     height, width = image_size if isinstance(image_size, tuple) else (image_size, image_size)
-    dtype = next(loaded.model.parameters()).dtype
     hidden = text_cfg.hidden_size
 
-    pixel = adapter.export_pixels(b * geometry.frames, dtype)
+    # numpy has no bfloat16: a bfloat16 bundle takes float32 pixels and casts them itself
+    pixel = adapter.export_pixels(b * geometry.frames, torch.float32 if dtype == torch.bfloat16 else dtype)
     ids = torch.full((b, length), int(loaded.tokenizer.pad_token_id or 0), dtype=torch.long)
     ids[:, 1 : 1 + visual] = adapter.image_token_id
     stage1_extra = list(adapter.stage1_outputs[2:]) if config.stage1 else []  # beyond dominant, anchors
@@ -195,7 +201,8 @@ def export_bundle(
         "family": adapter.family,
         "target": options.target,
         "opset": FUNCTION_OPSET,
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": dtype_name(dtype),
+        "weights": options.precision.weights,
         "compressed": config.enabled,
         "config": config.to_dict(),
         "budget": budget.to_dict(),
@@ -230,13 +237,21 @@ def export_bundle(
         },
         "graphs": {},
     }
+    # the vision graph quantizes the projector (and the tower with --quantize-vision), the decoder graphs
+    # every linear layer
+    parts = adapter.parameter_groups()
+    chosen = parts["projector"] + (parts["vision"] if options.precision.quantize_vision else [])
+    quantized = {"vision": weight_digests(chosen)}
     with replace_folder(out_dir, BUNDLE, force=force, inputs=[loaded.path]) as tmp:
         for name, (module, args, inputs, outputs) in graphs.items():
             start = time.perf_counter()
             echo(f"exporting the {name} graph ...")
             model = _export(module, args, inputs, outputs)
             attach_functions(model)
-            applied, reports = run_pipeline(model, options.target, graph_name=name)
+            context = PassContext(
+                options.target, name, options.precision.quantize(options.target), quantized.get(name)
+            )
+            model, applied, reports = run_pipeline(model, context)
             failed = [r for r in reports if not r.ok]
             if failed:
                 raise DuetError(

@@ -44,12 +44,15 @@ def cls_attention_and_keys(
     """CLS-row attention probabilities summed over heads [B, N] and head-averaged keys [B, 1+N, d].
 
     `layer_input` is the *normed* input of the chosen attention layer. Only the CLS query row is computed
-    (1 x (1+N) per head), so the encoder itself keeps running on SDPA.
+    (1 x (1+N) per head), so the encoder itself keeps running on SDPA. The projections run in the model's
+    dtype, the scores in float32 whatever it is, so that a half-precision model ranks patches as its
+    float32 twin does except on true near-ties.
     """
     b, t, _ = layer_input.shape
     q = q_proj(layer_input[:, :1]).view(b, 1, num_heads, -1).transpose(1, 2)  # [B, h, 1, d]
     k = k_proj(layer_input).view(b, t, num_heads, -1).transpose(1, 2)  # [B, h, T, d]
-    probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)  # [B, h, 1, T]
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    probs = torch.softmax(logits, dim=-1)  # [B, h, 1, T] float32
     cls_attention = probs.sum(dim=1)[:, 0, 1:]
     return cls_attention, k.mean(dim=1)
 
