@@ -95,7 +95,7 @@ def main() -> None:
              "|---|---|---|---|---|---|"]  # fmt: skip
     for name, row in results.items():
         manifest = vlms[name].manifest
-        row["bytes"] = sum(f["bytes"] for f in manifest["files"] if ".onnx" in f["name"])
+        row["bytes"] = sum(f["bytes"] for f in manifest["files"] if f["name"].endswith((".onnx", ".data")))
         row["prefill_ms"] = float(np.median(row["prefill_ms"]))
         table.append(
             f"| {name} | {row['bytes']:,} | {row['same_kept']}/{args.images} | {row['same_answer']}/{args.images} "

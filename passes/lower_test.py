@@ -147,7 +147,7 @@ def _exact_t2v_scores(feeds: dict[str, np.ndarray], b: int, mode: str) -> list[F
 
 
 def _t2v_model(keep: int, mode: str) -> ir.Model:
-    names = ["normed", "q_weight", "", "k_weight", "", "cos", "sin", "real", "visual", "query"]
+    names = ["normed", "q_weight_t", "", "k_weight_t", "", "cos", "sin", "real", "visual", "query"]
     node = helper.make_node(
         "T2VDrop",
         names,
@@ -164,8 +164,8 @@ def _t2v_model(keep: int, mode: str) -> ir.Model:
     )
     shapes = {
         "normed": [B, T, HIDDEN],
-        "q_weight": [HEADS * HEAD_DIM, HIDDEN],
-        "k_weight": [KV_HEADS * HEAD_DIM, HIDDEN],
+        "q_weight_t": [HIDDEN, HEADS * HEAD_DIM],  # the node takes the projections transposed
+        "k_weight_t": [HIDDEN, KV_HEADS * HEAD_DIM],
         "cos": [B, T, HEAD_DIM],
         "sin": [B, T, HEAD_DIM],
     }
@@ -196,13 +196,15 @@ def test_t2v_ties_go_to_the_lower_index_in_custom_and_lowered_graphs(mode):
     ]
     assert len(tied) >= 3, f"the test data must tie at the cut ({mode}: {tied})"
     torch_inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    graph_feeds = {k: v for k, v in feeds.items() if not k.endswith("_weight")}
+    graph_feeds.update(q_weight_t=feeds["q_weight"].T.copy(), k_weight_t=feeds["k_weight"].T.copy())
     for keep in tied:
         expected = np.array([kept(b, keep, True) for b in range(B)])
         model = _t2v_model(keep, mode)
-        with_node = run_model(model, feeds)[0]
+        with_node = run_model(model, graph_feeds)[0]
         LowerDuetOpsPass()(model)
         assert not [n for n in model.graph if n.domain == "duet"]
-        lowered = run_model(model, feeds)[0]
+        lowered = run_model(model, graph_feeds)[0]
         pytorch = t2v_drop(
             torch_inputs["normed"], torch_inputs["q_weight"], None, torch_inputs["k_weight"], None,
             torch_inputs["cos"], torch_inputs["sin"], torch_inputs["real"], torch_inputs["visual"],

@@ -66,10 +66,21 @@ def pipeline_of(context: PassContext) -> tuple[str, ...]:
     return (("quantize",) if context.quantize else ()) + PIPELINES[context.target]
 
 
-def run_pipeline(model: ir.Model, context: PassContext) -> tuple[ir.Model, list[str], list[VerifyReport]]:
-    """Apply the pipeline; returns the resulting model, the pass names applied and the verify reports."""
+def run_pipeline(
+    model: ir.Model, context: PassContext, save: Callable[[ir.Model], str] | None = None
+) -> tuple[ir.Model, list[str], list[VerifyReport]]:
+    """Apply the pipeline; returns the resulting model, the pass names applied and the verify reports.
+
+    `save(model) -> path`, when given, writes the model before `verify`, which then runs the ONNX checker
+    on that file: a checker in memory would serialize a second copy of every weight.
+    """
     names = pipeline_of(context)
-    passes = [PASSES[name].make(context) for name in names]
-    model = ir.passes.Sequential(*passes)(model).model
-    reports = [p.report for p in passes if isinstance(p, VerifyPass)]
+    reports = []
+    for name in names:
+        if name == "verify":
+            p = VerifyPass(context.target, context.graph, path=save(model) if save is not None else None)
+            reports.append(p.report)
+        else:
+            p = PASSES[name].make(context)
+        model = p(model).model
     return model, list(names), reports

@@ -45,12 +45,14 @@ def _constant_weight(node: ir.Node) -> ir.Value | None:
     return b
 
 
-class QuantizeWeightsPass(ir.passes.FunctionalPass):
+class QuantizeWeightsPass(ir.passes.PassBase):
     """Quantize the weights of chosen linear layers (MatMul with a 2-D constant weight) to int4 or int8.
 
     Rules:
-    1. The quantizer is onnxruntime's: `MatMulNBitsQuantizer` (block-wise, `block_size`, symmetric or not)
-       for the "nbits" format, `quantize_dynamic` (MatMulInteger, weights per channel) for "integer".
+    1. The quantizer is onnxruntime's: `DefaultWeightOnlyQuantizer`, the node quantizer behind
+       `MatMulNBitsQuantizer` (block-wise, `block_size`, symmetric or not), applied one weight at a time
+       so that memory stays bounded, for the "nbits" format; `quantize_dynamic` (MatMulInteger, weights per
+       channel) on the whole graph for "integer".
     2. Only MatMuls whose weight's contents are in `allowed` are quantized (`weight_digest` of the layer's
        weight or its transpose); `allowed=None` takes every linear layer of the graph. Activations keep the
        graph's float type.
@@ -64,6 +66,15 @@ class QuantizeWeightsPass(ir.passes.FunctionalPass):
         self.settings = settings
         self.allowed = None if allowed is None else set(allowed)
         self.quantized = 0
+
+    @property
+    def in_place(self) -> bool:
+        """MatMulNBits replaces nodes in place; `quantize_dynamic` returns a new model."""
+        return self.settings.format != "integer"
+
+    @property
+    def changes_input(self) -> bool:
+        return self.in_place
 
     def _chosen(self, model: ir.Model) -> list[ir.Node]:
         chosen = []
@@ -80,18 +91,58 @@ class QuantizeWeightsPass(ir.passes.FunctionalPass):
         self.quantized = len(chosen)
         if not chosen:
             return ir.passes.PassResult(model, modified=False)
-        names = {n.name for n in chosen}
-        others = [n.name for n in model.graph if n.op_type == "MatMul" and n.name not in names]
-        proto = ir.serde.serialize_model(model)
         # onnxruntime's quantizers log every node they skip at INFO; keep them quiet
         logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
         with contextlib.redirect_stdout(io.StringIO()):
             if self.settings.format == "integer":
-                proto = _integer(proto, sorted(names))
-            else:
-                proto = _nbits(proto, self.settings, others)
-        out = ir.serde.deserialize_model(proto)
-        return ir.passes.PassResult(out, modified=True)
+                names = {n.name for n in chosen}
+                proto = _integer(ir.serde.serialize_model(model), sorted(names))
+                return ir.passes.PassResult(ir.serde.deserialize_model(proto), modified=True)
+            quantizer = _nbits_quantizer(self.settings)
+            for node in chosen:
+                _quantize_node(model, node, quantizer)
+        model.opset_imports.setdefault(_ORT_DOMAIN, 1)
+        return ir.passes.PassResult(model, modified=True)
+
+
+def _quantize_node(model: ir.Model, node: ir.Node, quantizer) -> None:
+    """Replace one MatMul by onnxruntime's quantized node, one weight at a time: the quantizer sees a
+    one-node graph holding only this weight, so a 7B model is never copied whole."""
+    from onnx import helper
+
+    weight = node.inputs[1]
+    graph = helper.make_graph([], "one", [], [], initializer=[ir.serde.serialize_tensor(weight.const_value)])
+    graph.initializer[0].name = weight.name
+    proto = helper.make_node(
+        "MatMul", [node.inputs[0].name, weight.name], [node.outputs[0].name], name=node.name
+    )
+    made = quantizer.quantize(proto, [graph])
+    if len(made) != 1 or made[0].op_type == "MatMul":
+        return  # the quantizer declined this weight (its rules): the layer stays float
+    (new,) = made
+    tensors = {t.name: t for t in graph.initializer if t.name != weight.name}
+    inputs = []
+    for name in new.input:
+        if name == node.inputs[0].name:
+            inputs.append(node.inputs[0])
+        elif name in tensors:
+            tensor = ir.serde.deserialize_tensor(tensors[name])
+            value = ir.Value(
+                name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(tensor.dtype)
+            )
+            model.graph.register_initializer(value)
+            inputs.append(value)
+        else:
+            inputs.append(None)
+    attributes = {a.name: helper.get_attribute_value(a) for a in new.attribute}
+    replacement = ir.node(new.op_type, inputs, attributes=attributes, domain=new.domain, name=node.name)
+    replacement.outputs[0].type = node.outputs[0].type
+    replacement.outputs[0].shape = node.outputs[0].shape
+    ir.convenience.replace_nodes_and_values(
+        model.graph, node, [node], [replacement], [node.outputs[0]], [replacement.outputs[0]]
+    )
+    if not weight.uses():
+        model.graph.initializers.pop(weight.name)
 
 
 def _quantizer_module():
@@ -108,7 +159,8 @@ def _quantizer_module():
     return matmul_nbits_quantizer
 
 
-def _nbits(proto, settings: QuantizeSettings, exclude: list[str]):
+def _nbits_quantizer(settings: QuantizeSettings):
+    """onnxruntime's per-node MatMulNBits quantizer (`DefaultWeightOnlyQuantizer`) for these settings."""
     q = _quantizer_module()
     config = q.DefaultWeightOnlyQuantConfig(
         block_size=settings.block_size,
@@ -116,9 +168,7 @@ def _nbits(proto, settings: QuantizeSettings, exclude: list[str]):
         bits=settings.bits,
         op_types_to_quantize=("MatMul",),
     )
-    quantizer = q.MatMulNBitsQuantizer(proto, nodes_to_exclude=exclude, algo_config=config)
-    quantizer.process()
-    return quantizer.model.model
+    return q.DefaultWeightOnlyQuantizer(config)
 
 
 def _integer(proto, nodes: list[str]):

@@ -77,12 +77,14 @@ class VerifyPass(ir.passes.InPlacePass):
        and the inputs the table needs as constants (MIGraphX: Slice starts, Reshape shape, TopK k, ...) are.
     """
 
-    def __init__(self, target: str, graph_name: str = "model") -> None:
+    def __init__(self, target: str, graph_name: str = "model", path: str | None = None) -> None:
+        """`path`: the file the model was loaded from, where its external data lies (`check`)."""
         super().__init__()
         if target not in TABLES:
             raise ValueError(f"unknown target {target!r}")
         self.table: OpTable = TABLES[target]
         self.report = VerifyReport(target=target, graph=graph_name)
+        self.path = path
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         table, report = self.table, self.report
@@ -137,6 +139,13 @@ class VerifyPass(ir.passes.InPlacePass):
         return "; ".join(parts)
 
     def _checker(self, model: ir.Model) -> None:
+        if self.path is not None:  # on the file: external data resolves beside it, any size
+            try:
+                onnx.checker.check_model(self.path, full_check=True)
+                self.report.add(True, "checker", "ONNX checker passes (with strict type inference)")
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+                self.report.add(False, "checker", str(e).strip().splitlines()[0])
+            return
         size = weight_bytes(model)
         if size >= _CHECKER_LIMIT:
             self.report.add(

@@ -51,7 +51,10 @@ def test_export_cli_writes_a_bundle_and_run_answers(tiny_dir, tmp_path, image_fi
         "vision.onnx",
         "prefill.onnx",
         "step.onnx",
+        "weights.data",  # one weights file: each distinct tensor stored once
     }
+    shared = manifest["weights_file"]
+    assert shared["bytes"] < 0.6 * shared["referenced_bytes"]  # prefill and step share the decoder
     listed = {f["name"] for f in manifest["files"]}
     assert listed == {p.name for p in out.iterdir()} - {"manifest.json"}  # every file, with its digest
     for name in ("tokenizer.json", "chat_template.jinja", "processor_config.json"):

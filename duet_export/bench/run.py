@@ -245,7 +245,7 @@ def _stage_share(bundle: Path, visual, lowered: bool, runs: int = 5) -> dict[str
                 LowerDuetOpsPass()(model)
                 CleanupPass()(model)
                 path = Path(tmp) / f"{graph}-lowered.onnx"
-                ir.save(model, path)
+                ir.save(model, path, external_data=f"{graph}-lowered.data")  # not the bundle's file
             options = ort.SessionOptions()
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(tmp) / f"{graph}-{lowered}")

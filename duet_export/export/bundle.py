@@ -33,16 +33,14 @@ from duet_export.export.manifest import (
     tool_versions,
 )
 from duet_export.export.precision import Precision, dtype_name, weight_digests
+from duet_export.export.weights import WEIGHTS_FILE, WeightStore
 from duet_export.forward import DuetForward
 from duet_export.loading import LoadedModel
 from duet_export.outputs import BUNDLE, replace_folder
 from duet_export.passes.pipeline import TARGETS, PassContext, run_pipeline
-from duet_export.passes.verify import weight_bytes
 from duet_export.stages.budget import report
 
 __all__ = ["ExportOptions", "export_bundle"]
-
-_EXTERNAL_DATA_BYTES = 1 << 30  # graphs above 1 GiB keep their weights in a side file
 
 
 @dataclass(frozen=True)
@@ -103,13 +101,11 @@ def _export(
     return program.model
 
 
-def _save(model: ir.Model, path: Path) -> list[str]:
-    """Write a graph (its weights to a side file above 1 GiB); the names of the files written."""
-    if weight_bytes(model) > _EXTERNAL_DATA_BYTES:
-        ir.save(model, path, external_data=path.name + ".data")
-        return [path.name, path.name + ".data"]
+def _save(model: ir.Model, path: Path, store: WeightStore) -> str:
+    """Write a graph, its large weights into the bundle's shared weights file; returns the path."""
+    store.externalize(model)
     ir.save(model, path)
-    return [path.name]
+    return str(path)
 
 
 def export_bundle(
@@ -243,6 +239,7 @@ def export_bundle(
     chosen = parts["projector"] + (parts["vision"] if options.precision.quantize_vision else [])
     quantized = {"vision": weight_digests(chosen)}
     with replace_folder(out_dir, BUNDLE, force=force, inputs=[loaded.path]) as tmp:
+        store = WeightStore(tmp)
         for name, (module, args, inputs, outputs) in graphs.items():
             start = time.perf_counter()
             echo(f"exporting the {name} graph ...")
@@ -251,14 +248,18 @@ def export_bundle(
             context = PassContext(
                 options.target, name, options.precision.quantize(options.target), quantized.get(name)
             )
-            model, applied, reports = run_pipeline(model, context)
+            path = tmp / f"{name}.onnx"
+            # saved before `verify`, which then checks the file: no second copy of the weights in memory
+            model, applied, reports = run_pipeline(
+                model, context, save=lambda done, path=path: _save(done, path, store)
+            )
+            files = [path.name, WEIGHTS_FILE] if store.size else [path.name]
             failed = [r for r in reports if not r.ok]
             if failed:
                 raise DuetError(
                     f"the {name} graph fails verification for {options.target}: "
                     + failed[0].format().replace("\n", " | ")
                 )
-            files = _save(model, tmp / f"{name}.onnx")
             manifest["graphs"][name] = {
                 "files": files,
                 "inputs": _describe(list(model.graph.inputs)),
@@ -271,6 +272,7 @@ def export_bundle(
                 f"  {name}: {len(model.graph)} nodes, passes {', '.join(applied)} ({time.perf_counter() - start:.1f} s)"
             )
         loaded.processor.save_pretrained(tmp)
+        manifest["weights_file"] = {"bytes": store.written, "referenced_bytes": store.referenced}
         manifest["files"] = list_bundle_files(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest

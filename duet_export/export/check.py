@@ -33,7 +33,7 @@ def check_bundle(bundle: str | os.PathLike, target: str | None = None) -> list[V
             model = ir.load(path)
         except Exception as e:
             raise DuetError(f"{path} cannot be read as ONNX ({e.__class__.__name__})") from None
-        verify = VerifyPass(target, graph_name=name)
+        verify = VerifyPass(target, graph_name=name, path=str(path))
         verify(model)
         reports.append(verify.report)
     return reports

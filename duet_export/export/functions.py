@@ -200,7 +200,19 @@ def t2v_function(
     b = _Body()
     bsz, t, v = batch, length, visual_tokens
     text_rows = t - v
-    inputs = ["normed", "q_weight", "q_bias", "k_weight", "k_bias", "cos", "sin", "real", "visual", "query"]
+    # q/k weights come transposed ([in, out]), as the layer's own MatMuls hold them: one stored copy
+    inputs = [
+        "normed",
+        "q_weight_t",
+        "q_bias",
+        "k_weight_t",
+        "k_bias",
+        "cos",
+        "sin",
+        "real",
+        "visual",
+        "query",
+    ]
     text = b.op("Not", "visual")
     if keep == 0:
         b.nodes.append(helper.make_node("Identity", [b.compact(text, t, text_rows)], ["keep_index"]))
@@ -221,11 +233,11 @@ def t2v_function(
     visual_index = b.compact("visual", t, v)
     # queries: only the text rows
     x_text = b.gather_rows("normed", text_index, (bsz, text_rows, hidden))
-    q = b.op("MatMul", x_text, b.op("Transpose", "q_weight", perm=[1, 0]))
+    q = b.op("MatMul", x_text, "q_weight_t")
     if q_bias:
         q = b.op("Add", q, "q_bias")
     q = b.op("Transpose", b.op("Reshape", q, b.ints(bsz, text_rows, num_heads, head_dim)), perm=[0, 2, 1, 3])
-    k = b.op("MatMul", "normed", b.op("Transpose", "k_weight", perm=[1, 0]))
+    k = b.op("MatMul", "normed", "k_weight_t")
     if k_bias:
         k = b.op("Add", k, "k_bias")
     k = b.op("Transpose", b.op("Reshape", k, b.ints(bsz, t, num_kv_heads, head_dim)), perm=[0, 2, 1, 3])

@@ -65,12 +65,15 @@ def t2v_drop_node(
     labels: torch.Tensor | None = None,
     pad: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Stage 2 at one layer -> [B, T - V + keep] sequence positions that stay."""
+    """Stage 2 at one layer -> [B, T - V + keep] sequence positions that stay.
+
+    The node takes the projections transposed ([in, out]), the layout the layer's own MatMuls hold after
+    export, so that the graph stores each q/k weight once, not a second copy for Stage 2."""
     if torch.onnx.is_in_onnx_export():
         b, t, _ = normed.shape
         return torch.onnx.ops.symbolic(
             f"{DOMAIN}::T2VDrop",
-            (normed, q_weight, q_bias, k_weight, k_bias, cos, sin, real, visual, query),
+            (normed, q_weight.t(), q_bias, k_weight.t(), k_bias, cos, sin, real, visual, query),
             {
                 "num_heads": num_heads,
                 "num_kv_heads": num_kv_heads,
