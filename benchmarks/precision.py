@@ -8,6 +8,13 @@ bytes and its prefill time (median, CPU).
 
     .venv/bin/python benchmarks/precision.py --out /tmp/precision            # tiny model, 100 images
     .venv/bin/python benchmarks/precision.py --model CKPT --budget 64 --out /tmp/precision
+
+With `--table TABLE_OUT` (the --out of benchmarks/accuracy_table.py) it measures accuracy instead: the
+table's trained full model (uncompressed) and each DUET-trained model (with the config it was trained
+with) are exported as float32, int8 and int4 CPU bundles and evaluated on the table's test questions,
+with the share of answers identical to the float32 bundle's:
+
+    .venv/bin/python benchmarks/precision.py --table results/video --out /tmp/precision-video
 """
 
 from __future__ import annotations
@@ -57,15 +64,58 @@ def vlm_settings(vlm: OnnxVLM):
     return GenerationSettings(max_new_tokens=min(8, vlm.max_new_tokens))
 
 
+def table_accuracy(table: Path, out: Path, block_size: int) -> None:
+    """float32 / int8 / int4 bundles of the table's trained models, evaluated on its test questions."""
+    from duet_export.config import DuetConfig
+    from duet_export.data.records import read_questions
+    from duet_export.evaluation import evaluate
+
+    questions = read_questions(table / "data" / "test.jsonl")
+    full = table / ("full-counts" if (table / "full-counts" / "config.json").is_file() else "full")
+    models = [("full", full)] + [(d.name, d) for d in sorted(table.glob("duet-trained-*")) if d.is_dir()]
+    rows, lines = (
+        [],
+        ["| model | weights | bundle bytes | accuracy | same answer as float32 |", "|---|---|---|---|---|"],
+    )
+    for label, model_dir in models:
+        saved = json.loads((model_dir / "duet_config.json").read_text())
+        config = DuetConfig.from_dict(saved) if saved else None
+        answers = {}
+        for weights in ("float", "int8", "int4"):
+            loaded = load(model_dir)
+            bundle = out / f"{label}-{weights}"
+            options = ExportOptions("cpu", 48, 4, 8, Precision(weights, block_size))
+            export_bundle(loaded, bundle, config, options, echo=lambda m: None, force=True)
+            vlm = OnnxVLM(bundle, "cpu")
+            result = evaluate(vlm, questions, max_new_tokens=4)
+            answers[weights] = [a["answer"] for a in result.answers]
+            same = sum(a == b for a, b in zip(answers[weights], answers["float"], strict=True))
+            size = sum(f["bytes"] for f in vlm.manifest["files"] if f["name"].endswith((".onnx", ".data")))
+            rows.append({"model": label, "weights": weights, "bytes": size, "accuracy": result.accuracy,
+                         "same_answer": same / len(questions), "config": saved})  # fmt: skip
+            lines.append(
+                f"| {label} | {weights} | {size:,} | {100 * result.accuracy:.2f} % | {100 * same / len(questions):.1f} % |"
+            )
+            print(lines[-1], flush=True)
+    print("\n".join(lines))
+    (out / "accuracy.json").write_text(
+        json.dumps({"table": str(table), "questions": len(questions), "rows": rows}, indent=2)
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--table", type=Path, help="An accuracy_table.py --out: measure accuracy on its models.")
     ap.add_argument("--model", type=Path, help="A checkpoint (default: the tiny LLaVA, built in --out).")
     ap.add_argument("--budget", type=float, default=21.0)
     ap.add_argument("--images", type=int, default=100)
-    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--block-size", type=int, default=32, help="int4/int8 block (the tiny widths are 32-64)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.table is not None:
+        table_accuracy(args.table, args.out, args.block_size)
+        return
     model_dir = args.model or args.out / "tiny-llava"
     if args.model is None and not (model_dir / "config.json").is_file():
         build_tiny_llava(model_dir)

@@ -126,7 +126,9 @@ def _quantize_node(model: ir.Model, node: ir.Node, quantizer) -> None:
         if name == node.inputs[0].name:
             inputs.append(node.inputs[0])
         elif name in tensors:
-            tensor = ir.serde.deserialize_tensor(tensors[name])
+            # copied out: a tensor read from the one-weight graph keeps that whole graph alive (the float
+            # weight's serialized copy included), for every layer
+            tensor = ir.Tensor(ir.serde.deserialize_tensor(tensors[name]).numpy().copy(), name=name)
             value = ir.Value(
                 name=name, const_value=tensor, shape=tensor.shape, type=ir.TensorType(tensor.dtype)
             )
