@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -284,10 +285,55 @@ def _provider_options(func):
             click.option(
                 "--tf32", is_flag=True, help="CUDA: TF32 matrix products (faster, fp32 results drift)."
             ),
+            *_thread_options(),
         ]
     ):
         func = option(func)
     return func
+
+
+# `duet_export.runtimes.threads.THREAD_POOLS`, default first (spelled out: importing the runtime here would
+# load onnxruntime at every command's start).
+THREAD_POOLS = ("no-spin", "global", "per-session")
+
+
+def _apply(options: list) -> Callable:
+    """A decorator adding `options` to a command, in the order listed."""
+
+    def decorate(func: Callable) -> Callable:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def _thread_options(multiple: bool = False) -> list:
+    """--thread-pool / --threads: how the bundle's onnxruntime sessions share the CPU cores."""
+    pool_help = (
+        "no-spin: each session's idle threads sleep; global: one process-wide pool (refuses other "
+        "per-session onnxruntime sessions in the process); per-session: onnxruntime's spinning default."
+    )
+    return [
+        click.option(
+            "--thread-pool",
+            type=click.Choice(THREAD_POOLS),
+            multiple=multiple,
+            default=None if multiple else THREAD_POOLS[0],
+            show_default=not multiple,
+            help=pool_help
+            + (
+                " Repeat to time each (default: no-spin, and per-session for comparison)." if multiple else ""
+            ),
+        ),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="onnxruntime intra-op threads per pool (0: one per physical core).",
+        ),
+    ]
 
 
 @cli.command("run")
@@ -312,6 +358,8 @@ def run_cmd(
         provider["cache_dir"],
         provider["cuda_graph"],
         provider["tf32"],
+        thread_pool=provider["thread_pool"],
+        threads=provider["threads"],
     )
     # checked before the bundle is opened; the bundle's own maximum is the default
     given = 1 if max_new_tokens is None else max_new_tokens
@@ -506,6 +554,7 @@ def train_cmd(
 @click.option("--max-new-tokens", type=int, default=4, show_default=True)
 @click.option("--provider", default="cpu", show_default=True, help="Bundles: onnxruntime provider.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_apply(_thread_options())
 def eval_cmd(
     target,
     questions,
@@ -516,6 +565,8 @@ def eval_cmd(
     max_new_tokens,
     provider,
     as_json,
+    thread_pool,
+    threads,
     **opts,
 ) -> None:
     """Accuracy of a checkpoint (with a budget) or of an ONNX bundle on JSONL questions."""
@@ -532,11 +583,12 @@ def eval_cmd(
         v not in (None, ()) for k, v in opts.items() if k in ("budget", "dominant", "drop_layers")
     )
     if (Path(target) / "manifest.json").is_file():
-        from duet_export.runtimes import OnnxVLM
+        from duet_export.runtimes import OnnxVLM, ProviderSettings
 
         if budget_given or no_compress:
             raise DuetError("a bundle's budget is fixed at export: give no budget options with a bundle")
-        subject, config = OnnxVLM(target, provider), None
+        settings = ProviderSettings(thread_pool=thread_pool, threads=threads)
+        subject, config = OnnxVLM(target, provider, settings), None
     else:
         subject = _load(target)
         config = config_or_baseline(subject.adapter, no_compress, **opts)
@@ -559,7 +611,7 @@ def eval_cmd(
 @click.argument("model_dir", required=False, type=click.Path())
 @click.option(
     "--shape",
-    help="A named random model instead of MODEL_DIR (llava-1.5-mini, video-llava-mini, llava-1.5-7b).",
+    help="A named random model instead of MODEL_DIR (llava-1.5-mini, video-llava-mini, llava-1.5-7b-4l, llava-1.5-7b).",
 )
 @click.option(
     "--budget",
@@ -574,12 +626,48 @@ def eval_cmd(
 @click.option("--prompt-tokens", type=int, default=32, show_default=True)
 @click.option("--decode-tokens", type=int, default=8, show_default=True)
 @click.option("--provider", default="cpu", show_default=True)
+@_apply(_thread_options(multiple=True))
+@click.option(
+    "--target",
+    type=click.Choice(["cpu", "cuda", "migraphx"]),
+    default="cpu",
+    show_default=True,
+    help="Export target of the timed bundles (cuda: lowered, static, fused attention).",
+)
+@click.option("--cuda-graph", is_flag=True, help="CUDA: replay the step graph as a CUDA graph.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Weights of the bundles and of the eager model (float16: for GPUs).",
+)
+@click.option("--eager-device", default="cpu", show_default=True, help="PyTorch eager's device (cpu, cuda).")
+@click.option(
+    "--discard-bundles",
+    is_flag=True,
+    help="Export, time and delete one configuration's bundle at a time (large models, small disks).",
+)
 @click.option("--no-eager", is_flag=True, help="Skip the PyTorch eager measurements.")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory subprocesses.")
 @click.option("--no-overhead", is_flag=True, help="Skip the profiling of the stage nodes.")
 @click.option("--no-sweep", is_flag=True, help="Skip the prompt-length and resolution sweep.")
 def bench_cmd(
-    model_dir, shape, budgets, out, repeats, warmup, prompt_tokens, decode_tokens, provider, **flags
+    model_dir,
+    shape,
+    budgets,
+    out,
+    repeats,
+    warmup,
+    prompt_tokens,
+    decode_tokens,
+    provider,
+    thread_pool,
+    threads,
+    target,
+    dtype,
+    eager_device,
+    **flags,
 ) -> None:
     """Speed, memory and FLOPs of compressed bundles against the full model, side by side."""
     from duet_export.bench.report import format_report, plot_report
@@ -598,6 +686,9 @@ def bench_cmd(
         budgets=tuple(budgets), repeats=repeats, warmup=warmup, decode_tokens=decode_tokens,
         prompt_tokens=prompt_tokens, provider=provider, eager=not flags["no_eager"],
         memory=not flags["no_memory"], overhead=not flags["no_overhead"], sweep=not flags["no_sweep"],
+        thread_pools=tuple(dict.fromkeys(thread_pool)) or BenchSettings.thread_pools, threads=threads,
+        target=target, cuda_graph=flags["cuda_graph"], dtype=dtype, eager_device=eager_device,
+        discard_bundles=flags["discard_bundles"],
     )  # fmt: skip
     with work_folder(out, BENCH, inputs=[model_dir]) as (out_dir, _):
         result = run_bench(source, out_dir, settings, echo=click.echo)
