@@ -6,7 +6,8 @@ The tables list default-domain (ai.onnx) operator names. They were transcribed f
   that need constant inputs are in `MIGRAPHX_CONSTANT_INPUTS`).
 - onnxruntime CUDA and CPU: microsoft/onnxruntime docs/OperatorKernels.md@001d12d2623fd411ce0f83d05abb5e82304a3389 (the CUDAExecutionProvider and CPUExecutionProvider ai.onnx
   kernel tables). onnxruntime also runs model-local functions, so the `duet` nodes run there through
-  their bodies.
+  their bodies. Contrib-domain ops (`com.microsoft`) each provider runs are listed apart, from the same
+  document's com.microsoft tables.
 
 Refresh them when a provider moves: the `verify` pass and `duet-export check` read only these tables.
 """
@@ -27,6 +28,7 @@ class OpTable:
     keeps_duet_nodes: bool  # the runtime executes `duet` nodes through their function bodies
     ops: frozenset[str]
     constant_inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    contrib_ops: frozenset[str] = frozenset()  # "domain.Op" names outside ai.onnx the provider runs
 
 
 _MIGRAPHX_SOURCE = "ROCm/AMDMIGraphX docs/dev/onnx_operators.rst@0a3b3851518167d5e98d39c73647385744e059b8"
@@ -108,6 +110,10 @@ _ORT_CPU_OPS = frozenset((
 
 # fmt: on
 
+# com.microsoft ops the `cuda` pipeline writes (fused attention), in the CUDAExecutionProvider com.microsoft
+# kernel table of the same OperatorKernels.md (MultiHeadAttention: float, float16, bfloat16).
+_ORT_CUDA_FUSED_OPS = frozenset(("com.microsoft.MultiHeadAttention",))
+
 # Inputs MIGraphX needs as constants ("dynamic shape is not supported" / "variable inputs not supported").
 MIGRAPHX_CONSTANT_INPUTS: dict[str, tuple[int, ...]] = {
     "Slice": (1, 2, 3, 4),
@@ -144,7 +150,13 @@ MIGRAPHX_CONSTANT_INPUTS: dict[str, tuple[int, ...]] = {
 TABLES: dict[str, OpTable] = {
     "cpu": OpTable("onnxruntime CPU", _ORT_SOURCE, 23, static=False, keeps_duet_nodes=True, ops=_ORT_CPU_OPS),
     "cuda": OpTable(
-        "onnxruntime CUDA", _ORT_SOURCE, 23, static=True, keeps_duet_nodes=False, ops=_ORT_CUDA_OPS
+        "onnxruntime CUDA",
+        _ORT_SOURCE,
+        23,
+        static=True,
+        keeps_duet_nodes=False,
+        ops=_ORT_CUDA_OPS,
+        contrib_ops=_ORT_CUDA_FUSED_OPS,
     ),
     "migraphx": OpTable(
         "MIGraphX",

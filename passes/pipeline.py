@@ -9,6 +9,7 @@ import onnx_ir as ir
 
 from duet_export.passes.cleanup import CleanupPass
 from duet_export.passes.fix_shapes import FixShapesPass
+from duet_export.passes.fuse_attention import FuseAttentionPass
 from duet_export.passes.lower import LowerDuetOpsPass
 from duet_export.passes.verify import VerifyPass, VerifyReport
 
@@ -32,14 +33,19 @@ PASSES: dict[str, PassInfo] = {
     "lower": PassInfo("lower", LowerDuetOpsPass, lambda target, graph: LowerDuetOpsPass()),
     "fix-shapes": PassInfo("fix-shapes", FixShapesPass, lambda target, graph: FixShapesPass()),
     "cleanup": PassInfo("cleanup", CleanupPass, lambda target, graph: CleanupPass()),
+    "fuse-attention": PassInfo(
+        "fuse-attention", FuseAttentionPass, lambda target, graph: FuseAttentionPass()
+    ),
     "verify": PassInfo("verify", VerifyPass, lambda target, graph: VerifyPass(target, graph)),
 }
 
 PIPELINES: dict[str, tuple[str, ...]] = {
     # onnxruntime runs the duet nodes through their function bodies: keep them, readable and inspectable.
     "cpu": ("cleanup", "verify"),
-    # static compilers (CUDA graphs, MIGraphX) get standard ops and static shapes only.
-    "cuda": ("lower", "fix-shapes", "cleanup", "verify"),
+    # static compilers (CUDA graphs, MIGraphX) get standard ops and static shapes; CUDA also gets fused
+    # attention (onnxruntime's MultiHeadAttention kernels), whose mask shape the second cleanup folds.
+    # The CPU provider keeps plain attention: MultiHeadAttention measured no faster there (docs/bench.md).
+    "cuda": ("lower", "fix-shapes", "cleanup", "fuse-attention", "cleanup", "verify"),
     "migraphx": ("lower", "fix-shapes", "cleanup", "verify"),
 }
 

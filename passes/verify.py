@@ -70,7 +70,8 @@ class VerifyPass(ir.passes.InPlacePass):
     1. checker: the ONNX checker accepts the model (skipped above 2 GiB in memory; `check` runs it on files).
     2. opset: the default-domain opset is at most the target's maximum (19 for MIGraphX).
     3. static: on a static target, every graph input, output and inferred intermediate shape is static.
-    4. ops: every node is in the target's supported-op table (`op_tables.py`, which names its source);
+    4. ops: every node is in the target's supported-op table (`op_tables.py`, which names its source), or
+       among its contrib-domain ops (onnxruntime CUDA's `com.microsoft.MultiHeadAttention` for fused attention);
        `duet` nodes are accepted only where the target keeps them (onnxruntime runs their function bodies).
     5. constants: on a static target no op has a data-dependent output size (NonZero, Compress, Unique),
        and the inputs the table needs as constants (MIGraphX: Slice starts, Reshape shape, TopK k, ...) are.
@@ -107,7 +108,11 @@ class VerifyPass(ir.passes.InPlacePass):
                     )
                     key = f"{DOMAIN}.{node.op_type}{why}"
                     unsupported[key] = unsupported.get(key, 0) + 1
-            elif node.domain not in ("", "ai.onnx") or node.op_type not in table.ops:
+            elif node.domain not in ("", "ai.onnx"):
+                if f"{node.domain}.{node.op_type}" not in table.contrib_ops:
+                    key = f"{node.domain}.{node.op_type}"
+                    unsupported[key] = unsupported.get(key, 0) + 1
+            elif node.op_type not in table.ops:
                 key = f"{node.domain + '.' if node.domain else ''}{node.op_type}"
                 unsupported[key] = unsupported.get(key, 0) + 1
         used = sorted({n.op_type for n in nodes if n.domain in ("", "ai.onnx")})
