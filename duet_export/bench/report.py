@@ -141,8 +141,9 @@ def format_report(result: dict) -> str:
             t = r.get("transfers", {}).get(result.get("primary"))
             if t:
                 lines.append(
-                    f"- {r['name']}: {t['per_step_bytes'] / 2**10:.1f} KiB with the cache on the device "
-                    f"({t['cache']}); {t['host_cache_per_step_bytes'] / 2**20:.2f} MiB when the cache lives on the host"
+                    f"- {r['name']}: {t['per_step_bytes'] / 2**10:.1f} KiB with the cache in "
+                    f"{'device' if t['cache'] == 'device' else 'host'} memory (as timed), "
+                    f"{t['host_cache_per_step_bytes'] / 2**20:.2f} MiB with the numpy loop's host-side cache"
                 )
     if len(rows) > 1 and "kv_bytes_prefill" in rows[0]:
         full_kv = rows[0]["kv_bytes_prefill"]

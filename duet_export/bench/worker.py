@@ -78,7 +78,18 @@ class _OnnxSide:
         return out
 
     def extras(self) -> dict[str, Any]:
-        return {"transfers": getattr(self.vlm, "transfer_report", lambda: None)()}
+        """Bytes between host and device per decode step (instrumented), with the cache where it ran and,
+        for comparison, with the host-side numpy loop on the same sessions (two untimed steps)."""
+        from duet_export.runtimes import OnnxVLM
+
+        report = self.vlm.transfer_report()
+        host = OnnxVLM(self.vlm.bundle, device_cache=False)
+        logits, state = host.prefill(self.inputs)
+        token = logits.argmax(-1)
+        for _ in range(min(2, host.max_new_tokens)):
+            token = host.step(token, state).argmax(-1)
+        report["host_cache_per_step_bytes"] = host.transfer_report()["per_step_bytes"]
+        return {"transfers": report}
 
     def close(self) -> None:
         del self.vlm
