@@ -629,12 +629,13 @@ def eval_cmd(
 @_apply(_thread_options(multiple=True))
 @click.option(
     "--target",
+    "targets",
     type=click.Choice(["cpu", "cuda", "migraphx"]),
-    default="cpu",
-    show_default=True,
-    help="Export target of the timed bundles (cuda: lowered, static, fused attention).",
+    multiple=True,
+    help="Export target of the timed bundles (default cpu; cuda: lowered, static, fused attention; "
+    "migraphx: the same without the fusion). Repeat to time each; the first is the one the ratios use.",
 )
-@click.option("--cuda-graph", is_flag=True, help="CUDA: replay the step graph as a CUDA graph.")
+@click.option("--cuda-graph", is_flag=True, help="CUDA: also time the step replayed as a CUDA graph.")
 @click.option(
     "--dtype",
     type=click.Choice(["float32", "float16"]),
@@ -647,6 +648,9 @@ def eval_cmd(
     "--discard-bundles",
     is_flag=True,
     help="Export, time and delete one configuration's bundle at a time (large models, small disks).",
+)
+@click.option(
+    "--layers", type=click.IntRange(min=2), help="--shape only: another decoder depth than the shape's."
 )
 @click.option("--no-eager", is_flag=True, help="Skip the PyTorch eager measurements.")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory subprocesses.")
@@ -664,7 +668,7 @@ def bench_cmd(
     provider,
     thread_pool,
     threads,
-    target,
+    targets,
     dtype,
     eager_device,
     **flags,
@@ -682,13 +686,16 @@ def bench_cmd(
         raise DuetError("--repeats, --decode-tokens and --prompt-tokens must be at least 1")
     if any(b <= 0 for b in budgets):
         raise DuetError("--budget must be a positive number of visual tokens")
+    if flags["layers"] is not None and shape is None:
+        raise DuetError("--layers changes a named shape's depth: give it with --shape")
     settings = BenchSettings(
         budgets=tuple(budgets), repeats=repeats, warmup=warmup, decode_tokens=decode_tokens,
         prompt_tokens=prompt_tokens, provider=provider, eager=not flags["no_eager"],
         memory=not flags["no_memory"], overhead=not flags["no_overhead"], sweep=not flags["no_sweep"],
         thread_pools=tuple(dict.fromkeys(thread_pool)) or BenchSettings.thread_pools, threads=threads,
-        target=target, cuda_graph=flags["cuda_graph"], dtype=dtype, eager_device=eager_device,
-        discard_bundles=flags["discard_bundles"],
+        targets=tuple(dict.fromkeys(targets)) or ("cpu",), cuda_graph=flags["cuda_graph"], dtype=dtype,
+        eager_device=eager_device,
+        discard_bundles=flags["discard_bundles"], layers=flags["layers"],
     )  # fmt: skip
     with work_folder(out, BENCH, inputs=[model_dir]) as (out_dir, _):
         result = run_bench(source, out_dir, settings, echo=click.echo)

@@ -126,7 +126,10 @@ def format_report(result: dict) -> str:
         )
     others = [x for x in labels if x not in (result.get("primary"), "PyTorch eager")]
     if others:
-        lines += ["", f"Thread pools (TTFT / decode of each setting over {result.get('primary')}'s):"]
+        lines += [
+            "",
+            f"Other onnxruntime variants (TTFT / decode over {result.get('primary')}'s; above 1x: slower):",
+        ]
         for label in others:
             parts = []
             for r in rows:

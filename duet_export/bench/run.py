@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +74,10 @@ class BenchSettings:
     # ratios use, the others show what it changes (per-session: onnxruntime's spinning default, "before").
     thread_pools: tuple[str, ...] = ("no-spin", "per-session")
     threads: int = 0
-    target: str = "cpu"  # export target of the bundles (cuda: lowered, static, fused attention)
-    cuda_graph: bool = False
+    # export targets of the timed bundles, each its own onnxruntime backend (cuda: lowered, static, fused
+    # attention; migraphx: the same without the fusion); the first is the one the ratios use
+    targets: tuple[str, ...] = ("cpu",)
+    cuda_graph: bool = False  # also time the step replayed as a CUDA graph
     dtype: str = "float32"  # weights of the bundles and of the eager model
     eager: bool = True
     eager_device: str = "cpu"
@@ -86,14 +88,46 @@ class BenchSettings:
     sweep_sizes: tuple[int, ...] = (224, 336, 448)
     # Export, time and delete one configuration's bundle at a time (bundles of a large model on a small disk).
     discard_bundles: bool = False
+    layers: int | None = None  # a named shape's decoder depth, if not its own
 
 
 @dataclass
 class Case:
     name: str
     config: DuetConfig | None
-    bundle: Path
-    results: dict[str, dict] = field(default_factory=dict)  # backend label -> worker result for this case
+    bundles: dict[str, Path]  # export target -> bundle folder
+
+    @property
+    def bundle(self) -> Path:
+        """The first target's bundle (stage profiles, memory, KV bytes)."""
+        return next(iter(self.bundles.values()))
+
+
+@dataclass(frozen=True)
+class OnnxVariant:
+    """One way of running the bundles on onnxruntime, timed as its own backend."""
+
+    target: str
+    thread_pool: str
+    cuda_graph: bool = False
+
+    def label(self, settings: BenchSettings) -> str:
+        parts = []
+        if len(settings.targets) > 1:
+            parts.append(f"{self.target} bundle")
+        if self.thread_pool != settings.thread_pools[0]:
+            parts.append(f"{self.thread_pool} pools")
+        if self.cuda_graph:
+            parts.append("CUDA graph")
+        return ONNX + (f" ({', '.join(parts)})" if parts else "")
+
+
+def onnx_variants(settings: BenchSettings) -> list[OnnxVariant]:
+    """The first target under the first thread pool first (the ratios use it), then the others."""
+    out = [OnnxVariant(t, pool) for t in settings.targets for pool in settings.thread_pools]
+    if settings.cuda_graph:
+        out += [OnnxVariant(t, settings.thread_pools[0], True) for t in settings.targets]
+    return out
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -126,12 +160,16 @@ def bench_image(size: int):
     return demo_image(size)
 
 
-def ensure_model(source: str, workdir: Path, image_size: int | None = None, echo=print) -> Path:
-    """A checkpoint directory: `source` itself, or the named shape built (once) under `workdir`."""
+def ensure_model(
+    source: str, workdir: Path, image_size: int | None = None, echo=print, layers: int | None = None
+) -> Path:
+    """A checkpoint directory: `source` itself, or the named shape built (once) under `workdir`
+    (`layers`: another decoder depth than the shape's)."""
     if source not in SHAPES:
         return Path(source)
-    spec = shape_spec(source, image_size)
-    path = workdir / f"{source}-{spec.image_size}px"
+    spec = shape_spec(source, image_size, layers)
+    depth = f"-{layers}l" if layers is not None else ""
+    path = workdir / f"{source}{depth}-{spec.image_size}px"
     if not (path / "config.json").is_file():
         echo(
             f"building the random {source} model at {spec.image_size} px in {path} (speed needs no trained weights)"
@@ -237,29 +275,25 @@ def _worker(spec: dict, echo: Callable[[str], None]) -> dict:
     return result
 
 
-def _onnx_label(pool: str, primary: bool, cuda_graph: bool) -> str:
-    extra = ", CUDA graph" if cuda_graph else ""
-    return ONNX + extra if primary else f"{ONNX} ({pool} pools{extra})"
-
-
 def _onnx_specs(cases: list[Case], inputs: dict, settings: BenchSettings) -> list[dict]:
-    fits = sum(_bundle_bytes(c.bundle) for c in cases) * 1.3 < 0.6 * _available_bytes()
-    return [
-        {
+    specs = []
+    for variant in onnx_variants(settings):
+        fits = sum(_bundle_bytes(c.bundles[variant.target]) for c in cases) * 1.3 < 0.6 * _available_bytes()
+        specs.append({
             "backend": ONNX,
-            "label": _onnx_label(pool, i == 0, settings.cuda_graph),
+            "label": variant.label(settings),
+            "target": variant.target,
             "provider": settings.provider,
-            "thread_pool": pool,
+            "thread_pool": variant.thread_pool,
             "threads": settings.threads,
-            "cuda_graph": settings.cuda_graph,
-            "cases": [{"name": c.name, "bundle": str(c.bundle), **inputs[c.name]} for c in cases],
+            "cuda_graph": variant.cuda_graph,
+            "cases": [{"name": c.name, "bundle": str(c.bundles[variant.target]), **inputs[c.name]} for c in cases],
             "warmup": settings.warmup,
             "repeats": settings.repeats,
             "decode_tokens": settings.decode_tokens,
             "interleave": fits,
-        }
-        for i, pool in enumerate(settings.thread_pools)
-    ]
+        })  # fmt: skip
+    return specs
 
 
 def _eager_spec(cases: list[Case], inputs: dict, model_dir: Path, settings: BenchSettings) -> dict:
@@ -360,7 +394,7 @@ def run_bench(
     """Run the whole benchmark; returns (and writes to `out/bench.json`) every figure."""
     settings = settings or BenchSettings()
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = ensure_model(source, out / "models", echo=echo)
+    model_dir = ensure_model(source, out / "models", echo=echo, layers=settings.layers)
     loaded = _load(model_dir, settings)
     adapter = loaded.adapter
     geometry = adapter.geometry()
@@ -368,20 +402,25 @@ def run_bench(
     budgets = settings.budgets or _default_budgets(n, geometry.frames)
     visual = bench_input(adapter, adapter.image_size)
     prompt = prompt_of(settings.prompt_tokens)
-    options = ExportOptions(
-        target=settings.target,
-        max_prompt=text_tokens(loaded, visual, prompt),
-        max_new_tokens=settings.decode_tokens + 2,
-    )
-    cases = [Case("full", None, out / "bundles" / "full")]
+    width = text_tokens(loaded, visual, prompt)
+    options = {
+        t: ExportOptions(target=t, max_prompt=width, max_new_tokens=settings.decode_tokens + 2)
+        for t in settings.targets
+    }
+
+    def folders(tag: str) -> dict[str, Path]:
+        one = len(settings.targets) == 1
+        return {t: out / "bundles" / (tag if one else f"{tag}-{t}") for t in settings.targets}
+
+    cases = [Case("full", None, folders("full"))]
     for b in budgets:
         config = resolve_budget(b, geometry, rules=adapter.rules)
-        cases.append(Case(f"budget {b:g}", config, out / "bundles" / f"budget-{b:g}"))
+        cases.append(Case(f"budget {b:g}", config, folders(f"budget-{b:g}")))
     image_file = save_input(visual, out / ("bench-clip" if isinstance(visual, list) else "bench-image.png"))
     inputs = {c.name: {"image": str(image_file), "prompt": prompt} for c in cases}
     rows = []
     for case in cases:
-        flops = prefill_flops(adapter, case.config, options.max_prompt)
+        flops = prefill_flops(adapter, case.config, width)
         rep = report(case.config, geometry) if case.config is not None else None
         rows.append({
             "name": case.name,
@@ -407,7 +446,7 @@ def run_bench(
             row["peak_rss_mb_onnx"] = _memory("onnx", case.bundle, prompt, image_file, None)
             if settings.eager:
                 row["peak_rss_mb_eager"] = _memory("eager", model_dir, prompt, image_file, case.config)
-        if settings.overhead and case.config is not None and settings.target == "cpu":
+        if settings.overhead and case.config is not None and settings.targets[0] == "cpu":
             echo(f"profiling the stage nodes of {case.name} ...")
             runs = 2 if heavy else 5
             row["stage_share_custom_op"] = _stage_share(case.bundle, visual, lowered=False, runs=runs)
@@ -421,15 +460,20 @@ def run_bench(
                                                         "thread_pool": spec["thread_pool"], "cases": {}})  # fmt: skip
             entry["cases"].update(result["cases"])
 
-    if settings.discard_bundles:  # one bundle on disk at a time
+    def export(case: Case, model: LoadedModel) -> None:
+        for target, folder in case.bundles.items():
+            ensure_bundle(model, case.config, folder, options[target], echo)
+
+    if settings.discard_bundles:  # one configuration's bundles on disk at a time
         for case, row in zip(cases, rows, strict=True):
-            ensure_bundle(loaded, case.config, case.bundle, options, echo)
+            export(case, loaded)
             measure_onnx([case])
             extras(case, row)
-            shutil.rmtree(case.bundle)
+            for folder in case.bundles.values():
+                shutil.rmtree(folder)
     else:
         for case in cases:
-            ensure_bundle(loaded, case.config, case.bundle, options, echo)
+            export(case, loaded)
     sweep_bundles = None
     if settings.sweep and source in SHAPES and source not in SHAPE_FRAMES and not heavy:
         sweep_bundles = _sweep_bundles(source, out, settings, budgets[-1], n, echo)
@@ -444,7 +488,7 @@ def run_bench(
     if not settings.discard_bundles:
         for case, row in zip(cases, rows, strict=True):
             extras(case, row)
-    primary = _onnx_label(settings.thread_pools[0], True, settings.cuda_graph)
+    primary = onnx_variants(settings)[0].label(settings)
     _fill_timings(rows, backends, primary)
     result = {
         "source": source,
@@ -514,20 +558,22 @@ def _sweep_bundles(
     ]
     points = []
     for prompt_tokens, size in grid:
-        loaded = _load(ensure_model(source, out / "models", size, echo=echo), settings)
+        loaded = _load(
+            ensure_model(source, out / "models", size, echo=echo, layers=settings.layers), settings
+        )
         geometry = loaded.adapter.geometry()
         config = resolve_budget(geometry.num_patches * fraction, geometry, rules=loaded.adapter.rules)
         image, prompt = bench_image(size), prompt_of(prompt_tokens)
         image_file = save_input(image, out / f"bench-image-{size}px.png")
         options = ExportOptions(
-            target=settings.target,
+            target=settings.targets[0],
             max_prompt=text_tokens(loaded, image, prompt),
             max_new_tokens=settings.decode_tokens + 2,
         )
         base_point = prompt_tokens == settings.prompt_tokens and size == base_size
         for name, cfg in (("full", None), ("compressed", config)):
             tag = f"sweep-{name}-p{prompt_tokens}-{size}px"
-            if base_point:  # the main comparison's bundles
+            if base_point and len(settings.targets) == 1:  # the main comparison's bundles
                 tag = "full" if cfg is None else f"budget-{budget_tag}"
             bundle = ensure_bundle(loaded, cfg, out / "bundles" / tag, options, echo)
             points.append({"name": f"{name} p{prompt_tokens} {size}px", "bundle": str(bundle),

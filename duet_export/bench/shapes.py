@@ -95,7 +95,11 @@ SHAPE_FRAMES: dict[str, int] = {"video-llava-mini": 8}
 REAL_WIDTH = frozenset({"llava-1.5-7b-4l", "llava-1.5-7b"})
 
 
-def shape_spec(name: str, image_size: int | None = None) -> TinyLlavaSpec:
-    """The named shape, optionally at another input resolution (same patch size)."""
+def shape_spec(name: str, image_size: int | None = None, layers: int | None = None) -> TinyLlavaSpec:
+    """The named shape, optionally at another input resolution (same patch size) or decoder depth."""
     spec = SHAPES[name]
-    return spec if image_size is None else replace(spec, image_size=image_size)
+    if image_size is not None:
+        spec = replace(spec, image_size=image_size)
+    if layers is not None:
+        spec = replace(spec, text_layers=layers)
+    return spec
