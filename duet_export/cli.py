@@ -645,6 +645,13 @@ def eval_cmd(
 )
 @click.option("--eager-device", default="cpu", show_default=True, help="PyTorch eager's device (cpu, cuda).")
 @click.option(
+    "--eager-omp",
+    type=click.Choice(["passive", "active"]),
+    multiple=True,
+    help="How eager's OpenMP threads wait (OMP_WAIT_POLICY); repeat to time each (default both; the "
+    "ratios take the faster).",
+)
+@click.option(
     "--discard-bundles",
     is_flag=True,
     help="Export, time and delete one configuration's bundle at a time (large models, small disks).",
@@ -671,6 +678,7 @@ def bench_cmd(
     targets,
     dtype,
     eager_device,
+    eager_omp,
     **flags,
 ) -> None:
     """Speed, memory and FLOPs of compressed bundles against the full model, side by side."""
@@ -694,7 +702,7 @@ def bench_cmd(
         memory=not flags["no_memory"], overhead=not flags["no_overhead"], sweep=not flags["no_sweep"],
         thread_pools=tuple(dict.fromkeys(thread_pool)) or BenchSettings.thread_pools, threads=threads,
         targets=tuple(dict.fromkeys(targets)) or ("cpu",), cuda_graph=flags["cuda_graph"], dtype=dtype,
-        eager_device=eager_device,
+        eager_device=eager_device, eager_omp=tuple(dict.fromkeys(eager_omp)) or BenchSettings.eager_omp,
         discard_bundles=flags["discard_bundles"], layers=flags["layers"],
     )  # fmt: skip
     with work_folder(out, BENCH, inputs=[model_dir]) as (out_dir, _):
