@@ -622,6 +622,14 @@ def eval_cmd(
 )
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
 @click.option("--repeats", type=int, default=7, show_default=True)
+@click.option(
+    "--passes",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Split each backend's repeats over this many passes, the backends taking turns (load drift "
+    "falls on all of them).",
+)
 @click.option("--warmup", type=int, default=2, show_default=True)
 @click.option("--prompt-tokens", type=int, default=32, show_default=True)
 @click.option("--decode-tokens", type=int, default=8, show_default=True)
@@ -669,6 +677,7 @@ def bench_cmd(
     budgets,
     out,
     repeats,
+    passes,
     warmup,
     prompt_tokens,
     decode_tokens,
@@ -697,7 +706,7 @@ def bench_cmd(
     if flags["layers"] is not None and shape is None:
         raise DuetError("--layers changes a named shape's depth: give it with --shape")
     settings = BenchSettings(
-        budgets=tuple(budgets), repeats=repeats, warmup=warmup, decode_tokens=decode_tokens,
+        budgets=tuple(budgets), repeats=repeats, passes=passes, warmup=warmup, decode_tokens=decode_tokens,
         prompt_tokens=prompt_tokens, provider=provider, eager=not flags["no_eager"],
         memory=not flags["no_memory"], overhead=not flags["no_overhead"], sweep=not flags["no_sweep"],
         thread_pools=tuple(dict.fromkeys(thread_pool)) or BenchSettings.thread_pools, threads=threads,

@@ -93,14 +93,22 @@ class OnnxVLM:
         # as fast as the numpy loop, or slightly faster: mini decode 12.4 vs 12.9 ms full, 9.6 vs 9.9 ms
         # budget 64). MIGraphX keeps the numpy loop: which OrtValue device its Python binding allocates on
         # was not checked without the hardware. `device_cache=False` gives the numpy loop anywhere.
+        asked = device_cache
         if device_cache is None:
             device_cache = self.bundle.provider != "MIGraphXExecutionProvider"
-        self.cache = (
-            DeviceCache(self.bundle.sessions, list(self.bundle.manifest["layer_group_of"]),
-                        self.bundle.settings, device)
-            if device_cache
-            else None
-        )  # fmt: skip
+        self.cache = None
+        if device_cache:
+            try:
+                self.cache = DeviceCache(
+                    self.bundle.sessions,
+                    list(self.bundle.manifest["layer_group_of"]),
+                    self.bundle.settings,
+                    device,
+                )
+            except DuetError as e:  # a graph the device cache cannot hold: the numpy loop, unless asked for
+                if asked:
+                    raise
+                (on_note or (lambda message: None))(f"K/V cache kept on the host: {e}")
         # Fixed buffers for the step graph: required for CUDA-graph replay (the device cache has its own).
         bind = self.bundle.settings.cuda_graph if io_binding is None else io_binding
         self._step_runner = (

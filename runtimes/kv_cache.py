@@ -64,6 +64,8 @@ class Transfers:
 def _shape_type(arg: ort.NodeArg) -> tuple[list[int], type]:
     if not all(isinstance(d, int) for d in arg.shape):
         raise DuetError(f"{arg.name} has a dynamic shape {arg.shape}: a device cache needs fixed shapes")
+    if arg.type not in _NUMPY_OF:
+        raise DuetError(f"{arg.name} is {arg.type}, which the device cache does not allocate")
     return list(arg.shape), _NUMPY_OF[arg.type]
 
 

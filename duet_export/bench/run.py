@@ -4,7 +4,8 @@ Each backend is timed in a process of its own (`duet_export.bench.worker`), one 
 under each requested export target, thread-pool setting and CUDA-graph choice, then PyTorch eager with its
 OpenMP threads waiting passively and actively (the ratios take the faster eager, metric by metric). So no
 backend's threads (onnxruntime's pools, PyTorch's OpenMP team) share the cores with another's while it is
-timed. Inside a worker,
+timed. Each backend's repeats are split over `passes` (default 2) in which the backends' processes take
+turns, so that a change of the machine's load during the run falls on all of them. Inside a worker,
 every configuration runs once per round, after warm-up rounds; measured rounds alternate between the
 listed order and its reverse, and the report gives the difference of the two (the order effect) next to
 the medians and interquartile ranges.
@@ -88,6 +89,10 @@ class BenchSettings:
     # the cores are free (eager TTFT 0.35 s or 5 s on the mini shape, by the moment), so eager is timed
     # under each; the ratios take the faster of them, metric by metric.
     eager_omp: tuple[str, ...] = ("passive", "active")
+    # Each backend's rounds are split over this many passes, the backends' processes taking turns
+    # (onnxruntime, eager, onnxruntime, eager, ...): one process at a time still, but a change in the
+    # machine's load during the run falls on every backend instead of on whichever ran then.
+    passes: int = 2
     memory: bool = True
     overhead: bool = True
     sweep: bool = True
@@ -464,13 +469,16 @@ def run_bench(
             row["stage_share_custom_op"] = _stage_share(case.bundle, visual, lowered=False, runs=runs)
             row["stage_share_lowered"] = _stage_share(case.bundle, visual, lowered=True, runs=runs)
 
-    def measure_onnx(group: list[Case]) -> None:
-        for spec in _onnx_specs(group, inputs, settings):
-            echo(f"timing {spec['label']} ({len(group)} configurations, own process) ...")
-            result = _worker(spec, echo)
-            entry = backends.setdefault(spec["label"], {**{k: v for k, v in result.items() if k != "cases"},
-                                                        "thread_pool": spec["thread_pool"], "cases": {}})  # fmt: skip
-            entry["cases"].update(result["cases"])
+    def measure(specs: list[dict], passes: int) -> None:
+        """Run every spec's worker, `passes` times in turn, each pass a share of the repeats; merge."""
+        for p in range(passes):
+            for spec in specs:
+                repeats = spec["repeats"] // passes + (1 if p < spec["repeats"] % passes else 0)
+                if not repeats:
+                    continue
+                tag = f" pass {p + 1}/{passes}" if passes > 1 else ""
+                echo(f"timing {spec['label']} ({len(spec['cases'])} configurations, own process{tag}) ...")
+                _merge(backends, spec, _worker({**spec, "repeats": repeats}, echo))
 
     def export(case: Case, model: LoadedModel) -> None:
         for target, folder in case.bundles.items():
@@ -479,7 +487,7 @@ def run_bench(
     if settings.discard_bundles:  # one configuration's bundles on disk at a time
         for case, row in zip(cases, rows, strict=True):
             export(case, loaded)
-            measure_onnx([case])
+            measure(_onnx_specs([case], inputs, settings), 1)
             extras(case, row)
             for folder in case.bundles.values():
                 shutil.rmtree(folder)
@@ -491,13 +499,10 @@ def run_bench(
         sweep_bundles = _sweep_bundles(source, out, settings, budgets[-1], n, echo)
     del loaded, adapter
     gc.collect()  # the workers load what they need; this process should hold no model while they run
-    if not settings.discard_bundles:
-        measure_onnx(cases)
-    for omp in settings.eager_omp if settings.eager else ():
-        spec = _eager_spec(cases, inputs, model_dir, settings, omp)
-        echo(f"timing {spec['label']} (own process) ...")
-        result = _worker(spec, echo)
-        backends[result["label"]] = result
+    specs = [] if settings.discard_bundles else _onnx_specs(cases, inputs, settings)
+    if settings.eager:
+        specs += [_eager_spec(cases, inputs, model_dir, settings, omp) for omp in settings.eager_omp]
+    measure(specs, 1 if settings.discard_bundles else max(1, settings.passes))
     if not settings.discard_bundles:
         for case, row in zip(cases, rows, strict=True):
             extras(case, row)
@@ -521,6 +526,22 @@ def run_bench(
         result["sweep"] = _sweep(sweep_bundles, settings, echo)
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _merge(backends: dict[str, dict], spec: dict, result: dict) -> None:
+    """Add one worker pass's rounds to its backend's (values and round directions appended)."""
+    entry = backends.setdefault(
+        spec["label"], {**{k: v for k, v in result.items() if k != "cases"}, "cases": {}}
+    )
+    entry["passes"] = entry.get("passes", 0) + 1
+    if "thread_pool" in spec:
+        entry["thread_pool"] = spec["thread_pool"]
+    for name, case in result["cases"].items():
+        into = entry["cases"].setdefault(name, {"values": {}, "order": []})
+        for key, values in case["values"].items():
+            into["values"].setdefault(key, []).extend(values)
+        into["order"].extend(case["order"])
+        into.update({k: v for k, v in case.items() if k not in ("values", "order")})
 
 
 def _fill_timings(rows: list[dict], backends: dict[str, dict], primary: str) -> None:
