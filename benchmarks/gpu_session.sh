@@ -77,7 +77,7 @@ fi
 if phase mini; then
     log "mini: llava-1.5-mini on CUDA, float32"
     "${CLI[@]}" bench --shape llava-1.5-mini --out "$WORK/mini" --provider cuda --target cuda --target migraphx \
-        --cuda-graph --thread-pool no-spin --eager-device cuda --repeats "$REPEATS" --warmup 2 \
+        --cuda-graph --thread-pool no-spin --eager-device cuda --eager-omp passive --repeats "$REPEATS" --warmup 2 \
         --no-memory --no-overhead --no-sweep 2>&1 | tee "$OUT/mini.log"
     keep "$WORK/mini" mini
     log "mini done"
@@ -89,7 +89,7 @@ if phase 7b; then
     for b in $BUDGETS; do args+=(--budget "$b"); done
     for t in $TARGETS; do args+=(--target "$t"); done
     "${CLI[@]}" bench --shape llava-1.5-7b --layers "$LAYERS" --out "$WORK/7b" --provider cuda --dtype float16 \
-        "${args[@]}" --cuda-graph --thread-pool no-spin --eager-device cuda --repeats "$REPEATS" --warmup 2 \
+        "${args[@]}" --cuda-graph --thread-pool no-spin --eager-device cuda --eager-omp passive --repeats "$REPEATS" --warmup 2 \
         --discard-bundles --no-memory --no-overhead --no-sweep 2>&1 | tee "$OUT/7b.log"
     keep "$WORK/7b" "7b-${LAYERS}l"
     log "7b done"

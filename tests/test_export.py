@@ -182,9 +182,10 @@ def test_sampling_is_seeded(bundles):
 
 
 def test_io_binding_step_gives_the_same_tokens(bundles):
-    """The fixed-buffer path that CUDA graphs use, exercised on the CPU provider."""
-    plain = OnnxVLM(bundles / "cpu", provider="cpu")
-    bound = OnnxVLM(bundles / "cpu", provider="cpu", io_binding=True)
+    """The fixed-buffer path that CUDA graphs use without the device cache, exercised on the CPU provider."""
+    plain = OnnxVLM(bundles / "cpu", provider="cpu", device_cache=False)
+    bound = OnnxVLM(bundles / "cpu", provider="cpu", io_binding=True, device_cache=False)
+    assert bound._step_runner is not None
     settings = GenerationSettings(max_new_tokens=12)
     images = [random_image(1), random_image(2, size=80)]
     assert [a.token_ids for a in bound.generate(images, PROMPTS, settings)] == [
