@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -305,10 +306,55 @@ def _provider_options(func):
             click.option(
                 "--tf32", is_flag=True, help="CUDA: TF32 matrix products (faster, fp32 results drift)."
             ),
+            *_thread_options(),
         ]
     ):
         func = option(func)
     return func
+
+
+# `duet_export.runtimes.threads.THREAD_POOLS`, default first (spelled out: importing the runtime here would
+# load onnxruntime at every command's start).
+THREAD_POOLS = ("no-spin", "global", "per-session")
+
+
+def _apply(options: list) -> Callable:
+    """A decorator adding `options` to a command, in the order listed."""
+
+    def decorate(func: Callable) -> Callable:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def _thread_options(multiple: bool = False) -> list:
+    """--thread-pool / --threads: how the bundle's onnxruntime sessions share the CPU cores."""
+    pool_help = (
+        "no-spin: each session's idle threads sleep; global: one process-wide pool (refuses other "
+        "per-session onnxruntime sessions in the process); per-session: onnxruntime's spinning default."
+    )
+    return [
+        click.option(
+            "--thread-pool",
+            type=click.Choice(THREAD_POOLS),
+            multiple=multiple,
+            default=None if multiple else THREAD_POOLS[0],
+            show_default=not multiple,
+            help=pool_help
+            + (
+                " Repeat to time each (default: no-spin, and per-session for comparison)." if multiple else ""
+            ),
+        ),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="onnxruntime intra-op threads per pool (0: one per physical core).",
+        ),
+    ]
 
 
 @cli.command("run")
@@ -333,6 +379,8 @@ def run_cmd(
         provider["cache_dir"],
         provider["cuda_graph"],
         provider["tf32"],
+        thread_pool=provider["thread_pool"],
+        threads=provider["threads"],
     )
     # checked before the bundle is opened; the bundle's own maximum is the default
     given = 1 if max_new_tokens is None else max_new_tokens
@@ -528,6 +576,7 @@ def train_cmd(
 @click.option("--max-new-tokens", type=int, default=4, show_default=True)
 @click.option("--provider", default="cpu", show_default=True, help="Bundles: onnxruntime provider.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_apply(_thread_options())
 def eval_cmd(
     target,
     questions,
@@ -538,6 +587,8 @@ def eval_cmd(
     max_new_tokens,
     provider,
     as_json,
+    thread_pool,
+    threads,
     **opts,
 ) -> None:
     """Accuracy of a checkpoint (with a budget) or of an ONNX bundle on JSONL questions."""
@@ -554,11 +605,12 @@ def eval_cmd(
         v not in (None, ()) for k, v in opts.items() if k in ("budget", "dominant", "drop_layers")
     )
     if (Path(target) / "manifest.json").is_file():
-        from duet_export.runtimes import OnnxVLM
+        from duet_export.runtimes import OnnxVLM, ProviderSettings
 
         if budget_given or no_compress:
             raise DuetError("a bundle's budget is fixed at export: give no budget options with a bundle")
-        subject, config = OnnxVLM(target, provider), None
+        settings = ProviderSettings(thread_pool=thread_pool, threads=threads)
+        subject, config = OnnxVLM(target, provider, settings), None
     else:
         subject = _load(target)
         config = config_or_baseline(subject.adapter, no_compress, **opts)
@@ -581,7 +633,7 @@ def eval_cmd(
 @click.argument("model_dir", required=False, type=click.Path())
 @click.option(
     "--shape",
-    help="A named random model instead of MODEL_DIR (llava-1.5-mini, video-llava-mini, llava-1.5-7b).",
+    help="A named random model instead of MODEL_DIR (llava-1.5-mini, video-llava-mini, llava-1.5-7b-4l, llava-1.5-7b).",
 )
 @click.option(
     "--budget",
@@ -592,16 +644,73 @@ def eval_cmd(
 )
 @click.option("--out", type=click.Path(file_okay=False), default="bench-results", show_default=True)
 @click.option("--repeats", type=int, default=7, show_default=True)
+@click.option(
+    "--passes",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Split each backend's repeats over this many passes, the backends taking turns (load drift "
+    "falls on all of them).",
+)
 @click.option("--warmup", type=int, default=2, show_default=True)
 @click.option("--prompt-tokens", type=int, default=32, show_default=True)
 @click.option("--decode-tokens", type=int, default=8, show_default=True)
 @click.option("--provider", default="cpu", show_default=True)
+@_apply(_thread_options(multiple=True))
+@click.option(
+    "--target",
+    "targets",
+    type=click.Choice(["cpu", "cuda", "migraphx"]),
+    multiple=True,
+    help="Export target of the timed bundles (default cpu; cuda: lowered, static, fused attention; "
+    "migraphx: the same without the fusion). Repeat to time each; the first is the one the ratios use.",
+)
+@click.option("--cuda-graph", is_flag=True, help="CUDA: also time the step replayed as a CUDA graph.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Weights of the bundles and of the eager model (float16: for GPUs).",
+)
+@click.option("--eager-device", default="cpu", show_default=True, help="PyTorch eager's device (cpu, cuda).")
+@click.option(
+    "--eager-omp",
+    type=click.Choice(["passive", "active"]),
+    multiple=True,
+    help="How eager's OpenMP threads wait (OMP_WAIT_POLICY); repeat to time each (default both; the "
+    "ratios take the faster).",
+)
+@click.option(
+    "--discard-bundles",
+    is_flag=True,
+    help="Export, time and delete one configuration's bundle at a time (large models, small disks).",
+)
+@click.option(
+    "--layers", type=click.IntRange(min=2), help="--shape only: another decoder depth than the shape's."
+)
 @click.option("--no-eager", is_flag=True, help="Skip the PyTorch eager measurements.")
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory subprocesses.")
 @click.option("--no-overhead", is_flag=True, help="Skip the profiling of the stage nodes.")
 @click.option("--no-sweep", is_flag=True, help="Skip the prompt-length and resolution sweep.")
 def bench_cmd(
-    model_dir, shape, budgets, out, repeats, warmup, prompt_tokens, decode_tokens, provider, **flags
+    model_dir,
+    shape,
+    budgets,
+    out,
+    repeats,
+    passes,
+    warmup,
+    prompt_tokens,
+    decode_tokens,
+    provider,
+    thread_pool,
+    threads,
+    targets,
+    dtype,
+    eager_device,
+    eager_omp,
+    **flags,
 ) -> None:
     """Speed, memory and FLOPs of compressed bundles against the full model, side by side."""
     from duet_export.bench.report import format_report, plot_report
@@ -616,10 +725,16 @@ def bench_cmd(
         raise DuetError("--repeats, --decode-tokens and --prompt-tokens must be at least 1")
     if any(b <= 0 for b in budgets):
         raise DuetError("--budget must be a positive number of visual tokens")
+    if flags["layers"] is not None and shape is None:
+        raise DuetError("--layers changes a named shape's depth: give it with --shape")
     settings = BenchSettings(
-        budgets=tuple(budgets), repeats=repeats, warmup=warmup, decode_tokens=decode_tokens,
+        budgets=tuple(budgets), repeats=repeats, passes=passes, warmup=warmup, decode_tokens=decode_tokens,
         prompt_tokens=prompt_tokens, provider=provider, eager=not flags["no_eager"],
         memory=not flags["no_memory"], overhead=not flags["no_overhead"], sweep=not flags["no_sweep"],
+        thread_pools=tuple(dict.fromkeys(thread_pool)) or BenchSettings.thread_pools, threads=threads,
+        targets=tuple(dict.fromkeys(targets)) or ("cpu",), cuda_graph=flags["cuda_graph"], dtype=dtype,
+        eager_device=eager_device, eager_omp=tuple(dict.fromkeys(eager_omp)) or BenchSettings.eager_omp,
+        discard_bundles=flags["discard_bundles"], layers=flags["layers"],
     )  # fmt: skip
     with work_folder(out, BENCH, inputs=[model_dir]) as (out_dir, _):
         result = run_bench(source, out_dir, settings, echo=click.echo)

@@ -155,6 +155,13 @@ _WORDS = [
 ]
 
 
+def _padded(words: list[str], size: int | None) -> list[str]:
+    """`words`, then filler words up to `size` entries (real checkpoints' vocabularies are that wide)."""
+    if size is None or size <= len(words):
+        return words
+    return words + [f"filler{i:05d}" for i in range(size - len(words))]
+
+
 def tiny_vocabulary() -> list[str]:
     """Special tokens, punctuation, digits, the stop words and the words of the demo and GridDigits prompts."""
     words: list[str] = list(SPECIAL_TOKENS)
@@ -219,6 +226,9 @@ class TinyLlavaSpec:
     init_range: float = 0.2
     feature_layer: int = -2  # vision_feature_layer, as LLaVA-1.5 (-1: the last layer)
     seed: int = 0
+    # Vocabulary of the decoder (embedding and LM head). None: the tiny word list's own size. A larger one
+    # (LLaVA-1.5's 32k) pads the tokenizer with filler words, so every id the model can emit decodes.
+    vocab_size: int | None = None
 
 
 def _llava_config(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast):
@@ -279,7 +289,7 @@ def build_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec | None = No
     """Write a random tiny LLaVA checkpoint (model, tokenizer, processor) to `out_dir`, atomically."""
     spec = spec or TinyLlavaSpec()
     out = Path(out_dir)
-    words = tiny_vocabulary()
+    words = _padded(tiny_vocabulary(), spec.vocab_size)
     tokenizer = build_word_tokenizer(words)
     # the PIL processor by name: CLIPImageProcessor itself falls back to it without torchvision, with a warning
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -316,7 +326,7 @@ def build_tiny_video_llava(
     out = Path(out_dir)
     words = tiny_vocabulary()
     words.insert(words.index("<image>") + 1, "<video>")
-    tokenizer = build_word_tokenizer(words)
+    tokenizer = build_word_tokenizer(_padded(words, spec.vocab_size))
     llava = _llava_config(spec, tokenizer)
     n = (spec.image_size // spec.patch_size) ** 2
     config = VideoLlavaConfig(

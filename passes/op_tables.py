@@ -114,6 +114,10 @@ _ORT_CPU_OPS = frozenset((
 # com.microsoft kernel tables of the same OperatorKernels.md (MIGraphX's table lists none of them).
 _ORT_CONTRIB_OPS = frozenset(("com.microsoft.MatMulNBits",))
 
+# CUDA adds the op the `cuda` pipeline's fused attention writes (same table; MultiHeadAttention: float,
+# float16, bfloat16).
+_ORT_CUDA_FUSED_OPS = _ORT_CONTRIB_OPS | frozenset(("com.microsoft.MultiHeadAttention",))
+
 # Inputs MIGraphX needs as constants ("dynamic shape is not supported" / "variable inputs not supported").
 MIGRAPHX_CONSTANT_INPUTS: dict[str, tuple[int, ...]] = {
     "Slice": (1, 2, 3, 4),
@@ -164,7 +168,7 @@ TABLES: dict[str, OpTable] = {
         static=True,
         keeps_duet_nodes=False,
         ops=_ORT_CUDA_OPS,
-        contrib_ops=_ORT_CONTRIB_OPS,
+        contrib_ops=_ORT_CUDA_FUSED_OPS,
     ),
     "migraphx": OpTable(
         "MIGraphX",

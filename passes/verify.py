@@ -71,7 +71,8 @@ class VerifyPass(ir.passes.InPlacePass):
     2. opset: the default-domain opset is at most the target's maximum (19 for MIGraphX).
     3. static: on a static target, every graph input, output and inferred intermediate shape is static.
     4. ops: every node is in the target's supported-op table (`op_tables.py`, which names its source), or
-       among its contrib-domain ops (onnxruntime's `com.microsoft.MatMulNBits` for quantized weights);
+       among its contrib-domain ops (onnxruntime's `com.microsoft.MatMulNBits` for quantized weights, and
+       CUDA's `com.microsoft.MultiHeadAttention` for fused attention);
        `duet` nodes are accepted only where the target keeps them (onnxruntime runs their function bodies).
     5. constants: on a static target no op has a data-dependent output size (NonZero, Compress, Unique),
        and the inputs the table needs as constants (MIGraphX: Slice starts, Reshape shape, TopK k, ...) are.

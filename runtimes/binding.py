@@ -53,4 +53,5 @@ class BoundSession:
             for name, array in feeds.items():
                 self.inputs[name].update_inplace(np.ascontiguousarray(array))
         self.session.run_with_iobinding(self.binding)
-        return {name: value.numpy() for name, value in self.outputs.items()}
+        # copies: on the CPU provider `numpy()` is a view of the buffer the next run overwrites
+        return {name: np.array(value.numpy(), copy=True) for name, value in self.outputs.items()}

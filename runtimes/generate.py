@@ -25,6 +25,7 @@ from duet_export.errors import DuetError
 from duet_export.images import open_image, to_rgb
 from duet_export.prompts import EncodedPrompts, encode_prompts
 from duet_export.runtimes.binding import BoundSession
+from duet_export.runtimes.kv_cache import DeviceCache, Transfers
 from duet_export.runtimes.providers import ProviderSettings
 from duet_export.runtimes.session import Bundle, run_named
 from duet_export.video import open_clip
@@ -59,7 +60,9 @@ def choose_tokens(logits: np.ndarray, settings: GenerationSettings, rng: np.rand
 class DecodeState:
     """The cache between steps: one buffer per layer, one mask per layer group, the steps taken so far.
 
-    Group g's next free slot is `group_lengths[g] + steps`: every group grows by one token per step.
+    Group g's next free slot is `group_lengths[g] + steps`: every group grows by one token per step. With a
+    device cache (`OnnxVLM(device_cache=True)`) `keys`/`values` stay empty: the buffers live in the
+    provider's memory (`OnnxVLM.cache`) and `masks` is the host's copy as of the prefill.
     """
 
     keys: list[np.ndarray]
@@ -81,16 +84,39 @@ class OnnxVLM:
         *,
         on_note: Callable[[str], None] | None = None,
         io_binding: bool | None = None,
+        device_cache: bool | None = None,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, provider, settings)
-        # Fixed buffers for the step graph: required for CUDA-graph replay, optional elsewhere.
-        bind = self.bundle.settings.cuda_graph if io_binding is None else io_binding
         device = "cuda" if self.bundle.provider == "CUDAExecutionProvider" else "cpu"
+        # The K/V cache in the provider's memory (`runtimes.kv_cache`), so that on CUDA it never crosses to
+        # the host between steps. The CPU provider runs the same IOBinding code on host memory (measured
+        # as fast as the numpy loop, or slightly faster: mini decode 12.4 vs 12.9 ms full, 9.6 vs 9.9 ms
+        # budget 64). MIGraphX keeps the numpy loop: which OrtValue device its Python binding allocates on
+        # was not checked without the hardware. `device_cache=False` gives the numpy loop anywhere.
+        asked = device_cache
+        if device_cache is None:
+            device_cache = self.bundle.provider != "MIGraphXExecutionProvider"
+        self.cache = None
+        if device_cache:
+            try:
+                self.cache = DeviceCache(
+                    self.bundle.sessions,
+                    list(self.bundle.manifest["layer_group_of"]),
+                    self.bundle.settings,
+                    device,
+                )
+            except DuetError as e:  # a graph the device cache cannot hold: the numpy loop, unless asked for
+                if asked:
+                    raise
+                (on_note or (lambda message: None))(f"K/V cache kept on the host: {e}")
+        # Fixed buffers for the step graph: required for CUDA-graph replay (the device cache has its own).
+        bind = self.bundle.settings.cuda_graph if io_binding is None else io_binding
         self._step_runner = (
             BoundSession(self.bundle.sessions["step"], device, self.bundle.settings.device_id)
-            if bind
+            if bind and self.cache is None
             else None
         )
+        self._host_transfers = Transfers()
         self.manifest = self.bundle.manifest
         self.processor = self.bundle.processor
         self.on_note = on_note or (lambda message: None)
@@ -210,16 +236,20 @@ class OnnxVLM:
         vision = self.vision(inputs["pixel_values"])
         timings["vision"] = time.perf_counter() - start
         start = time.perf_counter()
-        named = run_named(self.bundle.sessions["prefill"], self.prefill_feed(inputs, vision))
-        timings["prefill"] = time.perf_counter() - start
-        masks = self._group_masks(inputs["attention_mask"], named)
         state = DecodeState(keys=[], values=[], masks=[], timings=timings)
+        feed = self.prefill_feed(inputs, vision)
+        if self.cache is not None:
+            masks = lambda named: self._capacity_masks(inputs["attention_mask"], named)  # noqa: E731
+            named = self.cache.prefill(feed, masks, owner=state)
+            state.masks = masks(named)
+        else:
+            named = run_named(self.bundle.sessions["prefill"], feed)
+            state.masks = self._capacity_masks(inputs["attention_mask"], named)
+        timings["prefill"] = time.perf_counter() - start
         state.keep_index = {k: v for k, v in named.items() if k.startswith("keep_index.")}
         state.keep_index.update({k: v for k, v in vision.items() if k.startswith("stage1_")})
-        for mask, cap in zip(masks, self.capacity, strict=True):
-            buf = np.zeros((self.batch, cap), dtype=np.int64)
-            buf[:, : mask.shape[1]] = mask
-            state.masks.append(buf)
+        if self.cache is not None:
+            return named["logits"][:, -1], state
         for i, g in enumerate(self.layer_group):
             for kind, out in (("key", state.keys), ("value", state.values)):
                 present = named[f"present.{i}.{kind}"]
@@ -227,6 +257,15 @@ class OnnxVLM:
                 buf[:, :, : present.shape[2]] = present
                 out.append(buf)
         return named["logits"][:, -1], state
+
+    def _capacity_masks(self, attention_mask: np.ndarray, named: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Each group's mask over its whole cache capacity: the prompt's real tokens, then empty slots."""
+        out = []
+        for mask, cap in zip(self._group_masks(attention_mask, named), self.capacity, strict=True):
+            buf = np.zeros((self.batch, cap), dtype=np.int64)
+            buf[:, : mask.shape[1]] = mask
+            out.append(buf)
+        return out
 
     def _group_masks(self, attention_mask: np.ndarray, named: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Each group's padding mask: the previous group's, gathered through the drop layer's keep_index."""
@@ -242,7 +281,13 @@ class OnnxVLM:
             raise DuetError(
                 f"the bundle's cache holds {self.max_new_tokens} new tokens (see --max-new-tokens)"
             )
-        feed = {"input_ids": tokens.reshape(self.batch, 1).astype(np.int64)}
+        tokens = tokens.reshape(self.batch, 1).astype(np.int64)
+        slots = [length + state.steps for length in self.group_lengths]
+        if self.cache is not None:
+            logits = self.cache.step(tokens, slots, owner=state)
+            state.steps += 1
+            return logits[:, -1]
+        feed = {"input_ids": tokens}
         for g, mask in enumerate(state.masks):
             feed[f"past_mask.{g}"] = mask
         for i in range(len(self.layer_group)):
@@ -252,7 +297,8 @@ class OnnxVLM:
             outs = self._step_runner.run(feed)
         else:
             outs = run_named(self.bundle.sessions["step"], feed)
-        slots = [length + state.steps for length in self.group_lengths]
+        # what this loop hands the provider and takes back: on a GPU, all of it crosses to the device
+        self._host_transfers.step(sum(a.nbytes for a in feed.values()), sum(a.nbytes for a in outs.values()))
         for i, g in enumerate(self.layer_group):
             state.keys[i][:, :, slots[g]] = outs[f"new.{i}.key"][:, :, 0]
             state.values[i][:, :, slots[g]] = outs[f"new.{i}.value"][:, :, 0]
@@ -260,6 +306,20 @@ class OnnxVLM:
             state.masks[g][:, slot] = 1
         state.steps += 1
         return outs["logits"][:, -1]
+
+    @property
+    def transfers(self) -> Transfers:
+        """Bytes handed between host and provider memory so far (instrumented; see `runtimes.kv_cache`)."""
+        return self.cache.transfers if self.cache is not None else self._host_transfers
+
+    def transfer_report(self) -> dict:
+        """Per decode step: bytes between host and device, and where the cache lives."""
+        t = self.transfers
+        return {
+            "cache": "device" if self.cache is not None else "host",
+            "per_step_bytes": t.per_step(),
+            "steps": t.steps,
+        }
 
     # ----------------------------------------------------------------------------------- generation
     def generate(

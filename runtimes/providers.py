@@ -38,6 +38,11 @@ class ProviderSettings:
     # mantissa: a float32 bundle then no longer matches the float32 model (PyTorch keeps TF32 off for
     # matrix products by default), and greedy tokens can flip. Off unless asked for.
     tf32: bool = False
+    # Every provider: how the bundle's sessions share the CPU cores (`duet_export.runtimes.threads`):
+    # "no-spin" (idle threads sleep), "global" (one process-wide pool) or "per-session" (onnxruntime's
+    # spinning default); `threads` intra-op threads per pool, 0 for onnxruntime's choice.
+    thread_pool: str = "no-spin"
+    threads: int = 0
 
 
 def available() -> list[str]:

@@ -14,8 +14,10 @@ from duet_export.errors import DuetError, one_line
 from duet_export.export.manifest import bundle_file, read_manifest
 from duet_export.processors import load_processor
 from duet_export.runtimes.providers import ProviderSettings, select_providers
+from duet_export.runtimes.threads import GLOBAL_POOL_REFUSAL, on_global_pool
+from duet_export.runtimes.threads import session_options as pool_options
 
-__all__ = ["Bundle", "open_session", "run_named"]
+__all__ = ["Bundle", "bundle_session_options", "open_session", "run_named"]
 
 GRAPHS = ("vision", "prefill", "step")
 
@@ -26,11 +28,21 @@ def open_session(
     options: ort.SessionOptions | None = None,
 ) -> ort.InferenceSession:
     """An `InferenceSession`, or a one-line `DuetError` (corrupt file, unsupported op, provider failure)."""
-    options = options or ort.SessionOptions()
+    options = options or pool_options()
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        try:
+            return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as e:  # other code in this process made onnxruntime's process-wide pool
+            if GLOBAL_POOL_REFUSAL not in str(e):
+                raise
+            return ort.InferenceSession(str(path), sess_options=on_global_pool(options), providers=providers)
     except Exception as e:  # onnxruntime raises several unrelated exception types
         raise DuetError(f"onnxruntime cannot load {Path(path).name}: {one_line(e)}") from None
+
+
+def bundle_session_options(settings: ProviderSettings) -> ort.SessionOptions:
+    """The `SessionOptions` a bundle's sessions get: its thread pool settings (see `runtimes.threads`)."""
+    return pool_options(settings.thread_pool, settings.threads)
 
 
 def run_named(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -82,11 +94,12 @@ class Bundle:
                 "bfloat16 kernels for most ops; export with --dtype float32 (or float16) for the CPU"
             )
         once = select_providers(provider, replace(settings, cuda_graph=False)) if settings else providers
+        given = settings or ProviderSettings()
         sessions = {
             name: open_session(
                 bundle_file(root, manifest["graphs"][name]["files"][0]),
                 providers if name == "step" else once,
-                session_options,
+                session_options or bundle_session_options(given),
             )
             for name in GRAPHS
         }

@@ -70,13 +70,15 @@ def bundle_config(loaded):
 
 @pytest.fixture(scope="session")
 def bundles(tiny_dir, tmp_path_factory):
-    """Three bundles: compressed (cpu, batch 2), compressed lowered (migraphx, batch 1), uncompressed (cpu)."""
+    """Four bundles: compressed (cpu, batch 2), compressed lowered (migraphx, batch 1), compressed lowered with
+    fused attention (cuda, batch 2), uncompressed (cpu)."""
     root = tmp_path_factory.mktemp("bundles")
     loaded = load(tiny_dir)
     cfg = bundle_config(loaded)
     quiet = lambda message: None  # noqa: E731
     export_bundle(loaded, root / "cpu", cfg, ExportOptions("cpu", 32, NEW_TOKENS, 2), echo=quiet)
     export_bundle(loaded, root / "migraphx", cfg, ExportOptions("migraphx", 32, NEW_TOKENS, 1), echo=quiet)
+    export_bundle(loaded, root / "cuda", cfg, ExportOptions("cuda", 32, NEW_TOKENS, 2), echo=quiet)
     export_bundle(loaded, root / "full", None, ExportOptions("cpu", 32, NEW_TOKENS, 2), echo=quiet)
     return root
 

@@ -32,9 +32,9 @@ def _images(n):
     return [random_image(1), random_image(2, size=80)][:n]
 
 
-@pytest.mark.parametrize("target", ["cpu", "migraphx"])
+@pytest.mark.parametrize("target", ["cpu", "migraphx", "cuda"])
 def test_kept_indices_equal_pytorch(bundles, tiny_dir, target):
-    batch = 2 if target == "cpu" else 1
+    batch = 1 if target == "migraphx" else 2
     vlm = OnnxVLM(bundles / target, provider="cpu")
     images, prompts = _images(batch), PROMPTS[:batch]
     inputs = vlm._pad_batch(vlm.encode(images, prompts))
@@ -64,7 +64,7 @@ def test_kept_indices_equal_pytorch(bundles, tiny_dir, target):
         np.testing.assert_array_equal(onnx_kept[f"keep_index.{layer}"][:batch], index.numpy())
 
 
-@pytest.mark.parametrize("target, batch", [("cpu", 1), ("cpu", 2), ("migraphx", 1)])
+@pytest.mark.parametrize("target, batch", [("cpu", 1), ("cpu", 2), ("migraphx", 1), ("cuda", 2)])
 def test_logits_and_greedy_tokens_equal_pytorch(bundles, tiny_dir, target, batch):
     vlm = OnnxVLM(bundles / target, provider="cpu")
     images, prompts = _images(batch), PROMPTS[:batch]
@@ -117,6 +117,27 @@ def test_lowered_bundle_passes_migraphx_verify_and_custom_op_bundle_does_not(bun
     assert "duet.V2VMerge" in reports["vision"].format()
 
 
+def test_cuda_bundle_runs_fused_attention_and_passes_cuda_verify(bundles, tiny_dir):
+    """Every decoder and vision attention of the cuda bundle is one MultiHeadAttention node (the rest of
+    each graph: standard ops), the op table accepts it for CUDA, and the migraphx bundle keeps plain ops."""
+    import onnx_ir as ir
+
+    layers = load(tiny_dir).adapter.geometry().num_layers
+    fused = {}
+    for graph in ("vision", "prefill", "step"):
+        model = ir.load(bundles / "cuda" / f"{graph}.onnx")
+        fused[graph] = sum(
+            1 for n in model.graph if (n.domain, n.op_type) == ("com.microsoft", "MultiHeadAttention")
+        )
+        assert not [n for n in model.graph if n.domain not in ("", "com.microsoft")]
+    assert fused["prefill"] == fused["step"] == layers and fused["vision"] > 0
+    assert all(r.ok for r in check_bundle(bundles / "cuda"))
+    lowered = ir.load(bundles / "migraphx" / "prefill.onnx")
+    assert not [n for n in lowered.graph if n.domain]
+    reports = {r.graph: r for r in check_bundle(bundles / "cuda", "migraphx")}
+    assert "com.microsoft.MultiHeadAttention" in reports["prefill"].format()
+
+
 def test_bundle_graphs_hold_single_duet_nodes_with_budgets(bundles, tiny_dir):
     import onnx_ir as ir
 
@@ -161,9 +182,10 @@ def test_sampling_is_seeded(bundles):
 
 
 def test_io_binding_step_gives_the_same_tokens(bundles):
-    """The fixed-buffer path that CUDA graphs use, exercised on the CPU provider."""
-    plain = OnnxVLM(bundles / "cpu", provider="cpu")
-    bound = OnnxVLM(bundles / "cpu", provider="cpu", io_binding=True)
+    """The fixed-buffer path that CUDA graphs use without the device cache, exercised on the CPU provider."""
+    plain = OnnxVLM(bundles / "cpu", provider="cpu", device_cache=False)
+    bound = OnnxVLM(bundles / "cpu", provider="cpu", io_binding=True, device_cache=False)
+    assert bound._step_runner is not None
     settings = GenerationSettings(max_new_tokens=12)
     images = [random_image(1), random_image(2, size=80)]
     assert [a.token_ids for a in bound.generate(images, PROMPTS, settings)] == [

@@ -1,28 +1,36 @@
-"""Measure compressed bundles side by side with the full model: onnxruntime and PyTorch eager, interleaved.
+"""Measure compressed bundles side by side with the full model: onnxruntime and PyTorch eager.
 
-Every configuration runs once per round, in the same order, for `warmup + repeats` rounds; the first
-`warmup` rounds are discarded and the rest summarised as median and interquartile range. Interleaving
-keeps slow drifts of a shared machine (thermal, neighbours) from favouring one configuration.
+Each backend is timed in a process of its own (`duet_export.bench.worker`), one after another: onnxruntime
+under each requested export target, thread-pool setting and CUDA-graph choice, then PyTorch eager with its
+OpenMP threads waiting passively and actively (the ratios take the faster eager, metric by metric). So no
+backend's threads (onnxruntime's pools, PyTorch's OpenMP team) share the cores with another's while it is
+timed. Each backend's repeats are split over `passes` (default 2) in which the backends' processes take
+turns, so that a change of the machine's load during the run falls on all of them. Inside a worker,
+every configuration runs once per round, after warm-up rounds; measured rounds alternate between the
+listed order and its reverse, and the report gives the difference of the two (the order effect) next to
+the medians and interquartile ranges.
+
+Both backends see the same tokens: bundles are exported with exactly the prompt's text length (no padding),
+so the onnxruntime prefill and the eager forward process the same sequence; `decoder_tokens` records both.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from duet_export.bench.flops import prefill_flops
-from duet_export.bench.shapes import SHAPE_FRAMES, SHAPES, shape_spec
-from duet_export.compression import compress, decompress
+from duet_export.bench.shapes import REAL_WIDTH, SHAPE_FRAMES, SHAPES, shape_spec
 from duet_export.config import DuetConfig
 from duet_export.errors import DuetError
 from duet_export.export.bundle import ExportOptions, export_bundle
@@ -53,6 +61,9 @@ _WORDS = [
     "picture",
 ]
 
+ONNX = "onnxruntime"
+EAGER = "eager"
+
 
 @dataclass(frozen=True)
 class BenchSettings:
@@ -62,23 +73,73 @@ class BenchSettings:
     decode_tokens: int = 8
     prompt_tokens: int = 32
     provider: str = "cpu"
+    # onnxruntime is timed once per thread-pool setting (`runtimes.threads`); the first is the one the
+    # ratios use, the others show what it changes (per-session: onnxruntime's spinning default, "before").
+    thread_pools: tuple[str, ...] = ("no-spin", "per-session")
+    threads: int = 0
+    # export targets of the timed bundles, each its own onnxruntime backend (cuda: lowered, static, fused
+    # attention; migraphx: the same without the fusion); the first is the one the ratios use
+    targets: tuple[str, ...] = ("cpu",)
+    cuda_graph: bool = False  # also time the step replayed as a CUDA graph
+    dtype: str = "float32"  # weights of the bundles and of the eager model
     eager: bool = True
+    eager_device: str = "cpu"
+    # PyTorch's OpenMP threads wait by spinning ("active", its default) or sleeping ("passive", as
+    # onnxruntime's no-spin). On a machine shared with other jobs the spinning team is stable only when
+    # the cores are free (eager TTFT 0.35 s or 5 s on the mini shape, by the moment), so eager is timed
+    # under each; the ratios take the faster of them, metric by metric.
+    eager_omp: tuple[str, ...] = ("passive", "active")
+    # Each backend's rounds are split over this many passes, the backends' processes taking turns
+    # (onnxruntime, eager, onnxruntime, eager, ...): one process at a time still, but a change in the
+    # machine's load during the run falls on every backend instead of on whichever ran then.
+    passes: int = 2
     memory: bool = True
     overhead: bool = True
     sweep: bool = True
     sweep_prompts: tuple[int, ...] = (32, 256)
     sweep_sizes: tuple[int, ...] = (224, 336, 448)
+    # Export, time and delete one configuration's bundle at a time (bundles of a large model on a small disk).
+    discard_bundles: bool = False
+    layers: int | None = None  # a named shape's decoder depth, if not its own
 
 
 @dataclass
 class Case:
     name: str
     config: DuetConfig | None
-    bundle: Path
-    results: dict[str, list[float]] = field(default_factory=dict)
+    bundles: dict[str, Path]  # export target -> bundle folder
 
-    def add(self, key: str, value: float) -> None:
-        self.results.setdefault(key, []).append(value)
+    @property
+    def bundle(self) -> Path:
+        """The first target's bundle (stage profiles, memory, KV bytes)."""
+        return next(iter(self.bundles.values()))
+
+
+@dataclass(frozen=True)
+class OnnxVariant:
+    """One way of running the bundles on onnxruntime, timed as its own backend."""
+
+    target: str
+    thread_pool: str
+    cuda_graph: bool = False
+
+    def label(self, settings: BenchSettings) -> str:
+        parts = []
+        if len(settings.targets) > 1:
+            parts.append(f"{self.target} bundle")
+        if self.thread_pool != settings.thread_pools[0]:
+            parts.append(f"{self.thread_pool} pools")
+        if self.cuda_graph:
+            parts.append("CUDA graph")
+        return ONNX + (f" ({', '.join(parts)})" if parts else "")
+
+
+def onnx_variants(settings: BenchSettings) -> list[OnnxVariant]:
+    """The first target under the first thread pool first (the ratios use it), then the others."""
+    out = [OnnxVariant(t, pool) for t in settings.targets for pool in settings.thread_pools]
+    if settings.cuda_graph:
+        out += [OnnxVariant(t, settings.thread_pools[0], True) for t in settings.targets]
+    return out
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -88,6 +149,15 @@ def _summary(values: list[float]) -> dict[str, float]:
         "p25": float(np.percentile(a, 25)),
         "p75": float(np.percentile(a, 75)),
     }
+
+
+def order_effect(values: list[float], order: list[int]) -> float | None:
+    """|median of forward rounds - median of reversed rounds| / median: how much a figure depends on which
+    configuration ran before it (None without rounds of both directions)."""
+    a, o = np.asarray(values, dtype=np.float64), np.asarray(order)
+    if len(a) != len(o) or not (o == 0).any() or not (o == 1).any():
+        return None
+    return float(abs(np.median(a[o == 0]) - np.median(a[o == 1])) / np.median(a))
 
 
 def prompt_of(tokens: int) -> str:
@@ -102,12 +172,16 @@ def bench_image(size: int):
     return demo_image(size)
 
 
-def ensure_model(source: str, workdir: Path, image_size: int | None = None, echo=print) -> Path:
-    """A checkpoint directory: `source` itself, or the named shape built (once) under `workdir`."""
+def ensure_model(
+    source: str, workdir: Path, image_size: int | None = None, echo=print, layers: int | None = None
+) -> Path:
+    """A checkpoint directory: `source` itself, or the named shape built (once) under `workdir`
+    (`layers`: another decoder depth than the shape's)."""
     if source not in SHAPES:
         return Path(source)
-    spec = shape_spec(source, image_size)
-    path = workdir / f"{source}-{spec.image_size}px"
+    spec = shape_spec(source, image_size, layers)
+    depth = f"-{layers}l" if layers is not None else ""
+    path = workdir / f"{source}{depth}-{spec.image_size}px"
     if not (path / "config.json").is_file():
         echo(
             f"building the random {source} model at {spec.image_size} px in {path} (speed needs no trained weights)"
@@ -128,7 +202,7 @@ def bench_input(adapter, size: int):
 
 
 def save_input(visual, path: Path) -> Path:
-    """Write the benchmark's input for the memory subprocesses: an image file or a folder of frames."""
+    """Write the benchmark's input for the worker processes: an image file or a folder of frames."""
     if isinstance(visual, list):
         path.mkdir(parents=True, exist_ok=True)
         for f, frame in enumerate(visual):
@@ -142,19 +216,23 @@ def ensure_bundle(
     loaded: LoadedModel, config: DuetConfig | None, out: Path, options: ExportOptions, echo
 ) -> Path:
     """Export, or reuse a bundle in `out` that was made from the same model, config and options."""
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        m = json.loads(manifest.read_text())
-        same = (
-            m.get("source_model") == str(loaded.path)
-            and m.get("config") == (config or DuetConfig()).to_dict()
-            and m.get("options") == asdict(options)
-        )
-        if same:
-            return out
+    if _same_bundle(loaded.path, config, out, options):
+        return out
     echo(f"exporting {out.name} ...")
     export_bundle(loaded, out, config, options, echo=lambda m: None, force=True)  # the bench's own cache
     return out
+
+
+def _same_bundle(model_path: Path, config: DuetConfig | None, out: Path, options: ExportOptions) -> bool:
+    manifest = out / "manifest.json"
+    if not manifest.is_file():
+        return False
+    m = json.loads(manifest.read_text())
+    return (
+        m.get("source_model") == str(model_path)
+        and m.get("config") == (config or DuetConfig()).to_dict()
+        and m.get("options") == asdict(options)
+    )
 
 
 def _kv_bytes(manifest: dict, lengths: list[int]) -> int:
@@ -163,53 +241,94 @@ def _kv_bytes(manifest: dict, lengths: list[int]) -> int:
     return int(sum(per_token * lengths[g] * manifest["batch"] for g in manifest["layer_group_of"]))
 
 
-def _onnx_round(vlm, inputs, decode_tokens: int) -> dict[str, float]:
-    start = time.perf_counter()
-    logits, state = vlm.prefill(inputs)
-    token = logits.argmax(-1)
-    ttft = time.perf_counter() - start
-    steps = []
-    for _ in range(decode_tokens):
-        s = time.perf_counter()
-        token = vlm.step(token, state).argmax(-1)
-        steps.append(time.perf_counter() - s)
-    return {"vision": state.timings["vision"], "prefill": state.timings["prefill"], "ttft": ttft,
-            "decode": float(np.median(steps))}  # fmt: skip
+def _bundle_bytes(bundle: Path) -> int:
+    return sum(p.stat().st_size for p in bundle.glob("*.onnx*"))
 
 
-def _eager_round(
-    loaded: LoadedModel, config: DuetConfig | None, inputs, decode_tokens: int
-) -> dict[str, float]:
-    model = loaded.model
-    if config is not None:
-        compress(model, config)
-    else:
-        decompress(model)
-    with torch.no_grad():
-        s = time.perf_counter()
-        if config is not None:
-            pixels = inputs.get("pixel_values", inputs.get("pixel_values_videos"))
-            loaded.adapter.visual_features(pixels.flatten(0, pixels.dim() - 4), config)
-        elif "pixel_values_videos" in inputs:
-            model.model.get_video_features(pixel_values_videos=inputs["pixel_values_videos"])
-        else:
-            model.model.get_image_features(pixel_values=inputs["pixel_values"])
-        vision = time.perf_counter() - s
-        start = time.perf_counter()
-        out = model(**inputs, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        ttft = time.perf_counter() - start
-        cache, mask = out.cache, inputs["attention_mask"]
-        steps = []
-        for _ in range(decode_tokens):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            s = time.perf_counter()
-            out = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            steps.append(time.perf_counter() - s)
-            cache = out.cache
-    decompress(model)
-    return {"vision": vision, "prefill": ttft - vision, "ttft": ttft, "decode": float(np.median(steps))}
+def _available_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _worker(spec: dict, echo: Callable[[str], None]) -> dict:
+    """Run one backend's worker process; relay its progress; return its result."""
+    label = spec["label"]
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file, log = Path(tmp) / "spec.json", Path(tmp) / "stderr.log"
+        spec_file.write_text(json.dumps(spec))
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **spec.get("env", {})}
+        with log.open("w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "duet_export.bench.worker", str(spec_file)],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                env=env,
+            )
+            result = None
+            for line in proc.stdout:
+                if not line.startswith("{"):
+                    continue
+                message = json.loads(line)
+                if "progress" in message:
+                    done, total = message["progress"]
+                    echo(f"  {label}: round {done}/{total}")
+                elif "result" in message:
+                    result = message["result"]
+            proc.wait()
+        if proc.returncode != 0 or result is None:
+            tail = " | ".join(log.read_text().strip().splitlines()[-3:])
+            raise DuetError(f"the {label} measurement failed (exit {proc.returncode}): {tail[-400:]}")
+    return result
+
+
+def _onnx_specs(cases: list[Case], inputs: dict, settings: BenchSettings) -> list[dict]:
+    specs = []
+    for variant in onnx_variants(settings):
+        fits = sum(_bundle_bytes(c.bundles[variant.target]) for c in cases) * 1.3 < 0.6 * _available_bytes()
+        specs.append({
+            "backend": ONNX,
+            "label": variant.label(settings),
+            "target": variant.target,
+            "provider": settings.provider,
+            "thread_pool": variant.thread_pool,
+            "threads": settings.threads,
+            "cuda_graph": variant.cuda_graph,
+            "cases": [{"name": c.name, "bundle": str(c.bundles[variant.target]), **inputs[c.name]} for c in cases],
+            "warmup": settings.warmup,
+            "repeats": settings.repeats,
+            "decode_tokens": settings.decode_tokens,
+            "interleave": fits,
+        })  # fmt: skip
+    return specs
+
+
+def eager_label(omp: str) -> str:
+    return f"PyTorch eager (OpenMP {omp})"
+
+
+def _eager_spec(cases: list[Case], inputs: dict, model_dir: Path, settings: BenchSettings, omp: str) -> dict:
+    return {
+        "backend": EAGER,
+        "label": eager_label(omp),
+        "env": {"OMP_WAIT_POLICY": omp.upper()},
+        "model_dir": str(model_dir),
+        "dtype": settings.dtype,
+        "device": settings.eager_device,
+        "cases": [
+            {"name": c.name, "config": c.config.to_dict() if c.config else None, **inputs[c.name]}
+            for c in cases
+        ],
+        "warmup": settings.warmup,
+        "repeats": settings.repeats,
+        "decode_tokens": settings.decode_tokens,
+        "interleave": True,
+    }
 
 
 def _memory(kind: str, path: Path, prompt: str, image_file: Path, config: DuetConfig | None) -> float | None:
@@ -230,12 +349,14 @@ def _stage_share(bundle: Path, visual, lowered: bool, runs: int = 5) -> dict[str
     from duet_export.passes.cleanup import CleanupPass
     from duet_export.passes.lower import LowerDuetOpsPass
     from duet_export.runtimes.generate import OnnxVLM
+    from duet_export.runtimes.threads import session_options
 
     vlm = OnnxVLM(bundle, provider="cpu")
     feeds = {}
     inputs = vlm._pad_batch(vlm.encode([visual], [prompt_of(8)]))
     feeds["vision"] = {"pixel_values": inputs["pixel_values"]}
     feeds["prefill"] = vlm.prefill_feed(inputs, vlm.vision(inputs["pixel_values"]))
+    del vlm
     totals = {"stage": 0.0, "all": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         for graph in ("vision", "prefill"):
@@ -246,13 +367,14 @@ def _stage_share(bundle: Path, visual, lowered: bool, runs: int = 5) -> dict[str
                 CleanupPass()(model)
                 path = Path(tmp) / f"{graph}-lowered.onnx"
                 ir.save(model, path, external_data=f"{graph}-lowered.data")  # not the bundle's file
-            options = ort.SessionOptions()
+            options = session_options()
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(tmp) / f"{graph}-{lowered}")
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             for _ in range(runs):
                 session.run(None, feeds[graph])
             events = json.loads(Path(session.end_profiling()).read_text())
+            del session
             for e in events:
                 if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
                     continue
@@ -270,61 +392,54 @@ def _default_budgets(n: int, frames: int) -> tuple[float, ...]:
     return (round(n / 3, 2), round(n / 9, 2))
 
 
+def _load(model_dir: Path, settings: BenchSettings) -> LoadedModel:
+    import torch
+
+    return load(model_dir, dtype=getattr(torch, settings.dtype))
+
+
+def text_tokens(loaded: LoadedModel, visual, prompt: str) -> int:
+    """Text tokens of `prompt` as the chat template writes it (image placeholders not counted): the
+    bundles are exported exactly this wide, so onnxruntime and eager process the same sequence."""
+    ids = prepare_inputs(loaded.processor, loaded.adapter, [visual], [prompt], None)["input_ids"]
+    return int(ids.shape[1]) - loaded.adapter.tokens_per_image(None) * loaded.adapter.geometry().frames
+
+
 def run_bench(
     source: str, out: Path, settings: BenchSettings | None = None, echo: Callable[[str], None] = print
 ) -> dict:
     """Run the whole benchmark; returns (and writes to `out/bench.json`) every figure."""
     settings = settings or BenchSettings()
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = ensure_model(source, out / "models", echo=echo)
-    loaded = load(model_dir)
-    geometry = loaded.adapter.geometry()
+    model_dir = ensure_model(source, out / "models", echo=echo, layers=settings.layers)
+    loaded = _load(model_dir, settings)
+    adapter = loaded.adapter
+    geometry = adapter.geometry()
     n = geometry.total_patches
     budgets = settings.budgets or _default_budgets(n, geometry.frames)
-    options = ExportOptions(
-        target="cpu", max_prompt=settings.prompt_tokens + 16, max_new_tokens=settings.decode_tokens + 2
-    )
-    cases = [Case("full", None, out / "bundles" / "full")]
-    for b in budgets:
-        config = resolve_budget(b, geometry, rules=loaded.adapter.rules)
-        cases.append(Case(f"budget {b:g}", config, out / "bundles" / f"budget-{b:g}"))
-    for case in cases:
-        ensure_bundle(loaded, case.config, case.bundle, options, echo)
-
-    from duet_export.runtimes import OnnxVLM
-
-    image = bench_input(loaded.adapter, loaded.adapter.image_size)
+    visual = bench_input(adapter, adapter.image_size)
     prompt = prompt_of(settings.prompt_tokens)
-    vlms = {c.name: OnnxVLM(c.bundle, provider=settings.provider) for c in cases}
-    onnx_inputs = {c.name: vlms[c.name]._pad_batch(vlms[c.name].encode([image], [prompt])) for c in cases}
-    eager_inputs = {
-        c.name: prepare_inputs(loaded.processor, loaded.adapter, [image], [prompt], c.config) for c in cases
+    width = text_tokens(loaded, visual, prompt)
+    options = {
+        t: ExportOptions(target=t, max_prompt=width, max_new_tokens=settings.decode_tokens + 2)
+        for t in settings.targets
     }
-    rounds = settings.warmup + settings.repeats
-    echo(
-        f"measuring {len(cases)} configurations x {rounds} interleaved rounds ({settings.warmup} warm-up) ..."
-    )
-    for r in range(rounds):
-        for case in cases:
-            onnx = _onnx_round(vlms[case.name], onnx_inputs[case.name], settings.decode_tokens)
-            eager = (
-                _eager_round(loaded, case.config, eager_inputs[case.name], settings.decode_tokens)
-                if settings.eager
-                else {}
-            )
-            if r >= settings.warmup:
-                for k, v in onnx.items():
-                    case.add(f"onnx_{k}", v)
-                for k, v in eager.items():
-                    case.add(f"eager_{k}", v)
-    full_flops = prefill_flops(loaded.adapter, None, settings.prompt_tokens).total
+
+    def folders(tag: str) -> dict[str, Path]:
+        one = len(settings.targets) == 1
+        return {t: out / "bundles" / (tag if one else f"{tag}-{t}") for t in settings.targets}
+
+    cases = [Case("full", None, folders("full"))]
+    for b in budgets:
+        config = resolve_budget(b, geometry, rules=adapter.rules)
+        cases.append(Case(f"budget {b:g}", config, folders(f"budget-{b:g}")))
+    image_file = save_input(visual, out / ("bench-clip" if isinstance(visual, list) else "bench-image.png"))
+    inputs = {c.name: {"image": str(image_file), "prompt": prompt} for c in cases}
     rows = []
-    image_file = save_input(image, out / ("bench-clip" if isinstance(image, list) else "bench-image.png"))
     for case in cases:
-        manifest = vlms[case.name].manifest
-        flops = prefill_flops(loaded.adapter, case.config, settings.prompt_tokens)
+        flops = prefill_flops(adapter, case.config, width)
         rep = report(case.config, geometry) if case.config is not None else None
-        row = {
+        rows.append({
             "name": case.name,
             "config": case.config.to_dict() if case.config is not None else None,
             "average_tokens": rep.average_tokens if rep else float(n),
@@ -333,92 +448,208 @@ def run_bench(
             "flops_vision": flops.vision,
             "flops_prefill": flops.decoder,
             "flops_total": flops.total,
-            "flop_ideal_speedup": full_flops / flops.total,
-            "kv_bytes_prefill": _kv_bytes(manifest, manifest["group_lengths"]),
-            "kv_bytes_capacity": _kv_bytes(manifest, manifest["cache_capacity"]),
-            "timings": {k: _summary(v) for k, v in case.results.items()},
-        }
+        })  # fmt: skip
+    heavy = source in REAL_WIDTH or settings.discard_bundles
+    backends: dict[str, dict] = {}
+
+    def extras(case: Case, row: dict) -> None:
+        """Memory, stage-node profile and KV bytes of one case (while its bundle exists)."""
+        manifest = json.loads((case.bundle / "manifest.json").read_text())
+        row["kv_bytes_prefill"] = _kv_bytes(manifest, manifest["group_lengths"])
+        row["kv_bytes_capacity"] = _kv_bytes(manifest, manifest["cache_capacity"])
+        row["bundle_bytes"] = _bundle_bytes(case.bundle)
         if settings.memory:
             echo(f"peak memory of {case.name} (fresh processes) ...")
             row["peak_rss_mb_onnx"] = _memory("onnx", case.bundle, prompt, image_file, None)
             if settings.eager:
                 row["peak_rss_mb_eager"] = _memory("eager", model_dir, prompt, image_file, case.config)
-        if settings.overhead and case.config is not None:
+        if settings.overhead and case.config is not None and settings.targets[0] == "cpu":
             echo(f"profiling the stage nodes of {case.name} ...")
-            row["stage_share_custom_op"] = _stage_share(case.bundle, image, lowered=False)
-            row["stage_share_lowered"] = _stage_share(case.bundle, image, lowered=True)
-        rows.append(row)
-    full = rows[0]["timings"]
-    for row in rows:
-        t = row["timings"]
-        row["measured_speedup"] = full["onnx_ttft"]["median"] / t["onnx_ttft"]["median"]
-        row["efficiency"] = row["measured_speedup"] / row["flop_ideal_speedup"]
-        if "eager_ttft" in t:
-            row["onnx_vs_eager_ttft"] = t["eager_ttft"]["median"] / t["onnx_ttft"]["median"]
-            row["onnx_vs_eager_decode"] = t["eager_decode"]["median"] / t["onnx_decode"]["median"]
+            runs = 2 if heavy else 5
+            row["stage_share_custom_op"] = _stage_share(case.bundle, visual, lowered=False, runs=runs)
+            row["stage_share_lowered"] = _stage_share(case.bundle, visual, lowered=True, runs=runs)
+
+    def measure(specs: list[dict], passes: int) -> None:
+        """Run every spec's worker, `passes` times in turn, each pass a share of the repeats; merge."""
+        for p in range(passes):
+            for spec in specs:
+                repeats = spec["repeats"] // passes + (1 if p < spec["repeats"] % passes else 0)
+                if not repeats:
+                    continue
+                tag = f" pass {p + 1}/{passes}" if passes > 1 else ""
+                echo(f"timing {spec['label']} ({len(spec['cases'])} configurations, own process{tag}) ...")
+                _merge(backends, spec, _worker({**spec, "repeats": repeats}, echo))
+
+    def export(case: Case, model: LoadedModel) -> None:
+        for target, folder in case.bundles.items():
+            ensure_bundle(model, case.config, folder, options[target], echo)
+
+    if settings.discard_bundles:  # one configuration's bundles on disk at a time
+        for case, row in zip(cases, rows, strict=True):
+            export(case, loaded)
+            measure(_onnx_specs([case], inputs, settings), 1)
+            extras(case, row)
+            for folder in case.bundles.values():
+                shutil.rmtree(folder)
+    else:
+        for case in cases:
+            export(case, loaded)
+    sweep_bundles = None
+    if settings.sweep and source in SHAPES and source not in SHAPE_FRAMES and not heavy:
+        sweep_bundles = _sweep_bundles(source, out, settings, budgets[-1], n, echo)
+    del loaded, adapter
+    gc.collect()  # the workers load what they need; this process should hold no model while they run
+    specs = [] if settings.discard_bundles else _onnx_specs(cases, inputs, settings)
+    if settings.eager:
+        specs += [_eager_spec(cases, inputs, model_dir, settings, omp) for omp in settings.eager_omp]
+    measure(specs, 1 if settings.discard_bundles else max(1, settings.passes))
+    if not settings.discard_bundles:
+        for case, row in zip(cases, rows, strict=True):
+            extras(case, row)
+    primary = onnx_variants(settings)[0].label(settings)
+    _fill_timings(rows, backends, primary)
     result = {
         "source": source,
         "model_dir": str(model_dir),
         "weights": "random (speed does not depend on trained weights)" if source in SHAPES else "as given",
         "geometry": {"num_patches": n, "frames": geometry.frames, "num_layers": geometry.num_layers},
         "settings": asdict(settings),
-        "provider": vlms["full"].bundle.provider,
+        "provider": settings.provider,
         "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "primary": primary,
+        "backends": {k: {kk: vv for kk, vv in v.items() if kk != "cases"} for k, v in backends.items()},
+        "real_width": source in REAL_WIDTH,
         "rows": rows,
     }
-    if settings.sweep and source in SHAPES and source not in SHAPE_FRAMES:
-        result["sweep"] = _sweep(source, out, settings, budgets[-1], n, echo)
+    if sweep_bundles:
+        result["sweep"] = _sweep(sweep_bundles, settings, echo)
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-def _prefill_median(bundle: Path, prompt: str, image, repeats: int, provider: str) -> float:
-    from duet_export.runtimes import OnnxVLM
+def _merge(backends: dict[str, dict], spec: dict, result: dict) -> None:
+    """Add one worker pass's rounds to its backend's (values and round directions appended)."""
+    entry = backends.setdefault(
+        spec["label"], {**{k: v for k, v in result.items() if k != "cases"}, "cases": {}}
+    )
+    entry["passes"] = entry.get("passes", 0) + 1
+    if "thread_pool" in spec:
+        entry["thread_pool"] = spec["thread_pool"]
+    for name, case in result["cases"].items():
+        into = entry["cases"].setdefault(name, {"values": {}, "order": []})
+        for key, values in case["values"].items():
+            into["values"].setdefault(key, []).extend(values)
+        into["order"].extend(case["order"])
+        into.update({k: v for k, v in case.items() if k not in ("values", "order")})
 
-    vlm = OnnxVLM(bundle, provider=provider)
-    inputs = vlm._pad_batch(vlm.encode([image], [prompt]))
-    times = []
-    for i in range(repeats + 1):
-        s = time.perf_counter()
-        vlm.prefill(inputs)
-        if i:
-            times.append(time.perf_counter() - s)
-    return float(np.median(times))
+
+def _fill_timings(rows: list[dict], backends: dict[str, dict], primary: str) -> None:
+    """Per row: every backend's summaries and order effects; the primary onnxruntime backend's and eager's
+    under `onnx_*` / `eager_*`, and the ratios between them."""
+    for row in rows:
+        row["backends"], row["order_effect"], row["decoder_tokens"], row["transfers"] = {}, {}, {}, {}
+        for label, backend in backends.items():
+            case = backend["cases"].get(row["name"])
+            if case is None:
+                continue
+            row["backends"][label] = {k: _summary(v) for k, v in case["values"].items()}
+            row["order_effect"][label] = {
+                k: order_effect(v, case["order"]) for k, v in case["values"].items()
+            }
+            row["decoder_tokens"][label] = case.get("tokens")
+            if case.get("transfers"):
+                row["transfers"][label] = case["transfers"]
+        timings = {f"onnx_{k}": v for k, v in row["backends"].get(primary, {}).items()}
+        row["eager_backend"] = {}
+        eager = {label: t for label, t in row["backends"].items() if label.startswith("PyTorch eager")}
+        for key in ("ttft", "decode"):  # the faster eager setting, metric by metric (vision/prefill: TTFT's)
+            timed = {label: t for label, t in eager.items() if key in t}
+            if timed:
+                best = min(timed, key=lambda label: timed[label][key]["median"])
+                row["eager_backend"][key] = best
+                timings[f"eager_{key}"] = timed[best][key]
+                if key == "ttft":
+                    for part in ("vision", "prefill"):
+                        timings[f"eager_{part}"] = timed[best][part]
+        row["timings"] = timings
+    full = rows[0]["timings"]
+    for row in rows:
+        t = row["timings"]
+        row["flop_ideal_speedup"] = rows[0]["flops_total"] / row["flops_total"]
+        if "onnx_ttft" in t:
+            row["measured_speedup"] = full["onnx_ttft"]["median"] / t["onnx_ttft"]["median"]
+            row["efficiency"] = row["measured_speedup"] / row["flop_ideal_speedup"]
+        if "eager_ttft" in t:
+            row["eager_speedup"] = full["eager_ttft"]["median"] / t["eager_ttft"]["median"]
+            row["eager_efficiency"] = row["eager_speedup"] / row["flop_ideal_speedup"]
+        if "eager_ttft" in t and "onnx_ttft" in t:
+            row["onnx_vs_eager_ttft"] = t["eager_ttft"]["median"] / t["onnx_ttft"]["median"]
+            row["onnx_vs_eager_decode"] = t["eager_decode"]["median"] / t["onnx_decode"]["median"]
 
 
-def _sweep(source: str, out: Path, settings: BenchSettings, budget: float, n: int, echo) -> dict:
-    """Time to first token (vision + prefill) for full vs compressed as the prompt and the image grow."""
-    points = []
+def _sweep_bundles(
+    source: str, out: Path, settings: BenchSettings, budget: float, n: int, echo
+) -> list[dict]:
+    """Export the sweep's bundles: full and compressed (the main budget's fraction) at each prompt length
+    and image size. Returns one worker case per bundle."""
     fraction, budget_tag = budget / n, f"{budget:g}"
     base_size = SHAPES[source].image_size
     grid = [(p, base_size) for p in settings.sweep_prompts] + [
         (settings.prompt_tokens, s) for s in settings.sweep_sizes if s != base_size
     ]
+    points = []
     for prompt_tokens, size in grid:
-        loaded = load(ensure_model(source, out / "models", size, echo=echo))
+        loaded = _load(
+            ensure_model(source, out / "models", size, echo=echo, layers=settings.layers), settings
+        )
         geometry = loaded.adapter.geometry()
         config = resolve_budget(geometry.num_patches * fraction, geometry, rules=loaded.adapter.rules)
+        image, prompt = bench_image(size), prompt_of(prompt_tokens)
+        image_file = save_input(image, out / f"bench-image-{size}px.png")
         options = ExportOptions(
-            target="cpu", max_prompt=prompt_tokens + 16, max_new_tokens=settings.decode_tokens + 2
+            target=settings.targets[0],
+            max_prompt=text_tokens(loaded, image, prompt),
+            max_new_tokens=settings.decode_tokens + 2,
         )
         base_point = prompt_tokens == settings.prompt_tokens and size == base_size
-        image = bench_image(size)
-        prompt = prompt_of(prompt_tokens)
-        point = {"prompt_tokens": prompt_tokens, "image_size": size, "patches": geometry.num_patches}
         for name, cfg in (("full", None), ("compressed", config)):
             tag = f"sweep-{name}-p{prompt_tokens}-{size}px"
-            if base_point:  # the main comparison's bundles
+            if base_point and len(settings.targets) == 1:  # the main comparison's bundles
                 tag = "full" if cfg is None else f"budget-{budget_tag}"
             bundle = ensure_bundle(loaded, cfg, out / "bundles" / tag, options, echo)
-            point[f"{name}_ttft"] = _prefill_median(
-                bundle, prompt, image, max(3, settings.repeats // 2), settings.provider
-            )
+            points.append({"name": f"{name} p{prompt_tokens} {size}px", "bundle": str(bundle),
+                           "image": str(image_file), "prompt": prompt, "prompt_tokens": prompt_tokens,
+                           "size": size, "patches": geometry.num_patches, "kind": name,
+                           "reduction": 1 - fraction})  # fmt: skip
+        del loaded
+    return points
+
+
+def _sweep(bundles: list[dict], settings: BenchSettings, echo) -> dict:
+    """Time to first token (vision + prefill) for full vs compressed as the prompt and the image grow."""
+    spec = {
+        "backend": ONNX,
+        "label": "sweep (onnxruntime)",
+        "provider": settings.provider,
+        "thread_pool": settings.thread_pools[0],
+        "threads": settings.threads,
+        "cases": [{k: b[k] for k in ("name", "bundle", "image", "prompt")} for b in bundles],
+        "warmup": 1,
+        "repeats": max(3, settings.repeats // 2),
+        "decode_tokens": 0,
+        "interleave": True,
+    }
+    echo("timing the sweep over prompt length and image size (own process) ...")
+    result = _worker(spec, echo)["cases"]
+    points = []
+    for full, compressed in zip(bundles[::2], bundles[1::2], strict=True):
+        point = {k: full[k] for k in ("prompt_tokens", "patches")} | {"image_size": full["size"]}
+        point["full_ttft"] = float(np.median(result[full["name"]]["values"]["ttft"]))
+        point["compressed_ttft"] = float(np.median(result[compressed["name"]]["values"]["ttft"]))
         point["speedup"] = point["full_ttft"] / point["compressed_ttft"]
-        echo(f"  prompt {prompt_tokens:>4} tokens, {geometry.num_patches:>4} patches: full "
-             f"{1000 * point['full_ttft']:.1f} ms, compressed {1000 * point['compressed_ttft']:.1f} ms")  # fmt: skip
         points.append(point)
-    return {"reduction": 1 - fraction, "points": points}
+    return {"reduction": bundles[0]["reduction"], "points": points}
 
 
 def check_source(source: str) -> None:
