@@ -354,6 +354,17 @@ def _thread_options(multiple: bool = False) -> list:
             show_default=True,
             help="onnxruntime intra-op threads per pool (0: one per physical core).",
         ),
+        click.option(
+            "--share-weights",
+            is_flag=True,
+            help=(
+                "Also time and measure the sessions reading the weights in place (no packed copy each)."
+                if multiple
+                else "The sessions read the bundle's memory-mapped weights in place instead of each keeping "
+                "a packed copy (session.disable_prepacking): about half the memory on CPU, matrix products "
+                "may be slower."
+            ),
+        ),
     ]
 
 
@@ -381,6 +392,7 @@ def run_cmd(
         provider["tf32"],
         thread_pool=provider["thread_pool"],
         threads=provider["threads"],
+        share_weights=provider["share_weights"],
     )
     # checked before the bundle is opened; the bundle's own maximum is the default
     given = 1 if max_new_tokens is None else max_new_tokens
@@ -589,6 +601,7 @@ def eval_cmd(
     as_json,
     thread_pool,
     threads,
+    share_weights,
     **opts,
 ) -> None:
     """Accuracy of a checkpoint (with a budget) or of an ONNX bundle on JSONL questions."""
@@ -609,7 +622,7 @@ def eval_cmd(
 
         if budget_given or no_compress:
             raise DuetError("a bundle's budget is fixed at export: give no budget options with a bundle")
-        settings = ProviderSettings(thread_pool=thread_pool, threads=threads)
+        settings = ProviderSettings(thread_pool=thread_pool, threads=threads, share_weights=share_weights)
         subject, config = OnnxVLM(target, provider, settings), None
     else:
         subject = _load(target)
@@ -673,6 +686,13 @@ def eval_cmd(
     show_default=True,
     help="Weights of the bundles and of the eager model (float16: for GPUs).",
 )
+@click.option(
+    "--weights",
+    type=click.Choice(["float", "int8", "int4"]),
+    default="float",
+    show_default=True,
+    help="The bundles' linear weights (int8/int4: MatMulNBits; eager keeps --dtype's).",
+)
 @click.option("--eager-device", default="cpu", show_default=True, help="PyTorch eager's device (cpu, cuda).")
 @click.option(
     "--eager-omp",
@@ -706,8 +726,10 @@ def bench_cmd(
     provider,
     thread_pool,
     threads,
+    share_weights,
     targets,
     dtype,
+    weights,
     eager_device,
     eager_omp,
     **flags,
@@ -732,7 +754,9 @@ def bench_cmd(
         prompt_tokens=prompt_tokens, provider=provider, eager=not flags["no_eager"],
         memory=not flags["no_memory"], overhead=not flags["no_overhead"], sweep=not flags["no_sweep"],
         thread_pools=tuple(dict.fromkeys(thread_pool)) or BenchSettings.thread_pools, threads=threads,
+        share_weights=share_weights,
         targets=tuple(dict.fromkeys(targets)) or ("cpu",), cuda_graph=flags["cuda_graph"], dtype=dtype,
+        weights=weights,
         eager_device=eager_device, eager_omp=tuple(dict.fromkeys(eager_omp)) or BenchSettings.eager_omp,
         discard_bundles=flags["discard_bundles"], layers=flags["layers"],
     )  # fmt: skip

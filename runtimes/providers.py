@@ -43,6 +43,11 @@ class ProviderSettings:
     # spinning default); `threads` intra-op threads per pool, 0 for onnxruntime's choice.
     thread_pool: str = "no-spin"
     threads: int = 0
+    # CPU: onnxruntime copies each MatMul weight into its own packed layout per session (prefill and step
+    # each hold one), about doubling a bundle's resident memory over the memory-mapped weights.data.
+    # share_weights turns that off (session.disable_prepacking): the sessions read the one mapped copy;
+    # matrix products may be slower. docs/precision.md has the measurement.
+    share_weights: bool = False
 
 
 def available() -> list[str]:

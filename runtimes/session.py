@@ -41,8 +41,12 @@ def open_session(
 
 
 def bundle_session_options(settings: ProviderSettings) -> ort.SessionOptions:
-    """The `SessionOptions` a bundle's sessions get: its thread pool settings (see `runtimes.threads`)."""
-    return pool_options(settings.thread_pool, settings.threads)
+    """The `SessionOptions` a bundle's sessions get: its thread pool settings (see `runtimes.threads`) and,
+    with `share_weights`, no per-session packed copies of the weights."""
+    options = pool_options(settings.thread_pool, settings.threads)
+    if settings.share_weights:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
 
 
 def run_named(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -12,6 +12,8 @@ from duet_export.cli import cli
 from duet_export.loading import load
 from duet_export.stages.budget import resolve_budget
 
+from conftest import PROMPTS, random_image
+
 
 def test_bench_writes_table_json_and_chart(tiny_dir, tmp_path):
     out = tmp_path / "bench"
@@ -82,3 +84,16 @@ def test_bench_needs_a_source():
     assert result.exit_code == 2 and "--shape" in result.stderr
     result = CliRunner().invoke(cli, ["bench", "--shape", "nope"])
     assert result.exit_code == 2 and "known shape" in result.stderr
+
+
+def test_shared_weights_are_an_extra_onnxruntime_backend_and_memory_kind(bundles, tmp_path):
+    from duet_export.bench.run import BenchSettings, _memory, onnx_variants
+
+    settings = BenchSettings(share_weights=True)
+    variants = onnx_variants(settings)
+    assert [v.label(settings) for v in variants][-1] == "onnxruntime (shared weights)"
+    assert sum(v.share_weights for v in variants) == 1
+    image = tmp_path / "image.png"
+    random_image(1).save(image)
+    peak = _memory("onnx-shared", bundles / "cpu", PROMPTS[0], image, None)
+    assert peak is not None and peak > 0

@@ -90,3 +90,19 @@ def test_bundle_sessions_sleep_when_idle_by_default(bundles):
         assert (
             session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
         )
+
+
+def test_shared_weights_turn_prepacking_off_and_answer_the_same(bundles):
+    """share_weights: the sessions read the memory-mapped weights in place; the answers do not change."""
+    from duet_export.runtimes import ProviderSettings
+
+    prepack = "session.disable_prepacking"
+    plain = OnnxVLM(bundles / "cpu", provider="cpu")
+    shared = OnnxVLM(bundles / "cpu", provider="cpu", settings=ProviderSettings(share_weights=True))
+    for session in shared.bundle.sessions.values():
+        assert session.get_session_options().get_session_config_entry(prepack) == "1"
+    with pytest.raises(Exception):  # noqa: B017 - onnxruntime raises for an entry never set
+        next(iter(plain.bundle.sessions.values())).get_session_options().get_session_config_entry(prepack)
+    settings = GenerationSettings(max_new_tokens=8)
+    expected = [a.token_ids for a in plain.generate(IMAGES, PROMPTS, settings)]
+    assert [a.token_ids for a in shared.generate(IMAGES, PROMPTS, settings)] == expected

@@ -27,11 +27,12 @@ def _peak_mb() -> float:
 def main(argv: list[str]) -> None:
     kind, path, prompt, image_path = argv[:4]
     config_json = argv[4] if len(argv) > 4 else "null"
-    if kind == "onnx":
+    if kind in ("onnx", "onnx-shared"):
         from duet_export.generate import GenerationSettings
-        from duet_export.runtimes import OnnxVLM
+        from duet_export.runtimes import OnnxVLM, ProviderSettings
 
-        vlm = OnnxVLM(path, provider="cpu")
+        settings = ProviderSettings(share_weights=kind == "onnx-shared")
+        vlm = OnnxVLM(path, provider="cpu", settings=settings)
         vlm.generate([image_path], [prompt], GenerationSettings(max_new_tokens=4))
     else:
         import transformers

@@ -81,7 +81,13 @@ def format_report(result: dict) -> str:
     load = result.get("load_average")
     lines = [
         f"model: {result['model_dir']} ({result['weights']}); N={result['geometry']['num_patches']} patches, "
-        f"L={result['geometry']['num_layers']} layers; provider {result['provider']}, {result['cores']} cores"
+        f"L={result['geometry']['num_layers']} layers; {settings.get('dtype', 'float32')}"
+        + (
+            f", bundles' linear weights {settings['weights']}"
+            if settings.get("weights", "float") != "float"
+            else ""
+        )
+        + f"; provider {result['provider']}, {result['cores']} cores"
         + (f" (load average at the end {load[0]:.1f})" if load else "")
         + f"; prompt {rows[0].get('decoder_tokens', {}).get(result.get('primary'), '?')} tokens with the full "
         f"model's image; median (IQR) of {settings['repeats']} rounds after {settings['warmup']} warm-up, ms; "
@@ -119,6 +125,8 @@ def format_report(result: dict) -> str:
         mem = "-"
         if r.get("peak_rss_mb_onnx") is not None:
             mem = f"{r['peak_rss_mb_onnx']:.0f} / {r.get('peak_rss_mb_eager') or float('nan'):.0f} MiB"
+            if r.get("peak_rss_mb_onnx_shared") is not None:
+                mem += f" (shared weights: {r['peak_rss_mb_onnx_shared']:.0f} MiB)"
         onnx = f"{r['measured_speedup']:.2f}x ({100 * r['efficiency']:.0f} %)" if "efficiency" in r else "-"
         eager = (
             f"{r['eager_speedup']:.2f}x ({100 * r['eager_efficiency']:.0f} %)"

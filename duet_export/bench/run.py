@@ -34,6 +34,7 @@ from duet_export.bench.shapes import REAL_WIDTH, SHAPE_FRAMES, SHAPES, shape_spe
 from duet_export.config import DuetConfig
 from duet_export.errors import DuetError
 from duet_export.export.bundle import ExportOptions, export_bundle
+from duet_export.export.precision import Precision
 from duet_export.inputs import prepare_inputs
 from duet_export.loading import LoadedModel, load
 from duet_export.stages.budget import report, resolve_budget
@@ -77,11 +78,17 @@ class BenchSettings:
     # ratios use, the others show what it changes (per-session: onnxruntime's spinning default, "before").
     thread_pools: tuple[str, ...] = ("no-spin", "per-session")
     threads: int = 0
+    # also time (and measure the peak memory of) the first target and pool with the sessions reading the
+    # memory-mapped weights in place (`ProviderSettings.share_weights`, no packed copy per session)
+    share_weights: bool = False
     # export targets of the timed bundles, each its own onnxruntime backend (cuda: lowered, static, fused
     # attention; migraphx: the same without the fusion); the first is the one the ratios use
     targets: tuple[str, ...] = ("cpu",)
     cuda_graph: bool = False  # also time the step replayed as a CUDA graph
     dtype: str = "float32"  # weights of the bundles and of the eager model
+    # the bundles' linear weights: "float" (the dtype), or "int8" / "int4" (MatMulNBits); eager keeps the
+    # dtype's, so the comparison is then quantized onnxruntime against float eager, as the report says
+    weights: str = "float"
     eager: bool = True
     eager_device: str = "cpu"
     # PyTorch's OpenMP threads wait by spinning ("active", its default) or sleeping ("passive", as
@@ -122,6 +129,7 @@ class OnnxVariant:
     target: str
     thread_pool: str
     cuda_graph: bool = False
+    share_weights: bool = False
 
     def label(self, settings: BenchSettings) -> str:
         parts = []
@@ -131,6 +139,8 @@ class OnnxVariant:
             parts.append(f"{self.thread_pool} pools")
         if self.cuda_graph:
             parts.append("CUDA graph")
+        if self.share_weights:
+            parts.append("shared weights")
         return ONNX + (f" ({', '.join(parts)})" if parts else "")
 
 
@@ -139,6 +149,8 @@ def onnx_variants(settings: BenchSettings) -> list[OnnxVariant]:
     out = [OnnxVariant(t, pool) for t in settings.targets for pool in settings.thread_pools]
     if settings.cuda_graph:
         out += [OnnxVariant(t, settings.thread_pools[0], True) for t in settings.targets]
+    if settings.share_weights:
+        out.append(OnnxVariant(settings.targets[0], settings.thread_pools[0], share_weights=True))
     return out
 
 
@@ -237,12 +249,12 @@ def _same_bundle(model_path: Path, config: DuetConfig | None, out: Path, options
 
 def _kv_bytes(manifest: dict, lengths: list[int]) -> int:
     kv = manifest["kv"]
-    per_token = 2 * kv["num_kv_heads"] * kv["head_dim"] * (2 if manifest["dtype"] == "float16" else 4)
+    per_token = 2 * kv["num_kv_heads"] * kv["head_dim"] * (4 if manifest["dtype"] == "float32" else 2)
     return int(sum(per_token * lengths[g] * manifest["batch"] for g in manifest["layer_group_of"]))
 
 
 def _bundle_bytes(bundle: Path) -> int:
-    return sum(p.stat().st_size for p in bundle.glob("*.onnx*"))
+    return sum(p.stat().st_size for p in bundle.iterdir() if p.is_file())
 
 
 def _available_bytes() -> int:
@@ -299,6 +311,7 @@ def _onnx_specs(cases: list[Case], inputs: dict, settings: BenchSettings) -> lis
             "thread_pool": variant.thread_pool,
             "threads": settings.threads,
             "cuda_graph": variant.cuda_graph,
+            "share_weights": variant.share_weights,
             "cases": [{"name": c.name, "bundle": str(c.bundles[variant.target]), **inputs[c.name]} for c in cases],
             "warmup": settings.warmup,
             "repeats": settings.repeats,
@@ -421,7 +434,12 @@ def run_bench(
     prompt = prompt_of(settings.prompt_tokens)
     width = text_tokens(loaded, visual, prompt)
     options = {
-        t: ExportOptions(target=t, max_prompt=width, max_new_tokens=settings.decode_tokens + 2)
+        t: ExportOptions(
+            target=t,
+            max_prompt=width,
+            max_new_tokens=settings.decode_tokens + 2,
+            precision=Precision(weights=settings.weights),
+        ).validate(settings.dtype)
         for t in settings.targets
     }
 
@@ -461,6 +479,8 @@ def run_bench(
         if settings.memory:
             echo(f"peak memory of {case.name} (fresh processes) ...")
             row["peak_rss_mb_onnx"] = _memory("onnx", case.bundle, prompt, image_file, None)
+            if settings.share_weights:
+                row["peak_rss_mb_onnx_shared"] = _memory("onnx-shared", case.bundle, prompt, image_file, None)
             if settings.eager:
                 row["peak_rss_mb_eager"] = _memory("eager", model_dir, prompt, image_file, case.config)
         if settings.overhead and case.config is not None and settings.targets[0] == "cpu":
@@ -611,6 +631,7 @@ def _sweep_bundles(
             target=settings.targets[0],
             max_prompt=text_tokens(loaded, image, prompt),
             max_new_tokens=settings.decode_tokens + 2,
+            precision=Precision(weights=settings.weights),
         )
         base_point = prompt_tokens == settings.prompt_tokens and size == base_size
         for name, cfg in (("full", None), ("compressed", config)):

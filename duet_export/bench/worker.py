@@ -56,6 +56,7 @@ class _OnnxSide:
             thread_pool=spec.get("thread_pool", "no-spin"),
             threads=int(spec.get("threads", 0)),
             cuda_graph=bool(spec.get("cuda_graph", False)),
+            share_weights=bool(spec.get("share_weights", False)),
         )
         self.vlm = OnnxVLM(case["bundle"], provider=spec.get("provider", "cpu"), settings=settings)
         self.inputs = self.vlm._pad_batch(self.vlm.encode([case["image"]], [case["prompt"]]))
