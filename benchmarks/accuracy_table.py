@@ -1,17 +1,12 @@
-"""The paper's accuracy table in miniature, on GridDigits-VQA, on a laptop CPU.
+"""The paper's accuracy table in miniature, on GridDigits-VQA, on a laptop CPU (docs/accuracy.md).
 
 Trains a small LLaVA-style model from scratch (CLIP-like tower on 128x128 images, patch 8 -> N = 256
 patches, an 8-layer Llama-like decoder) on GridDigits-VQA, following LLaVA's recipe: the vision tower is
-pre-trained first (here, since no CLIP may be downloaded, for 3,500 steps: naming each patch of fresh grids
-of randomly distorted training scans as a digit or background, and labelling each digit's patch with how
-many cells of its image show that digit; `--tower distorted` without the count, `distorted-positions` with
-each patch's row and column instead, `distorted-counts-positions` with both, `scans` on the training images
-themselves; `--cls-saliency` also teaches the CLS attention that Stage 1 ranks patches by to fall on the
-digits, as a pretrained CLIP's falls on content), then projector + LLM learn
-the questions with the tower frozen (3,500 steps), then 2,000 more steps on training images that each ask
-three count questions (`--count-steps`): without those the decoder answers every count of 2-4 with "1". It then
-evaluates side by side at ~67 % and ~89 % visual-token reduction (the paper's 192 and 64 of 576, scaled
-to N):
+pre-trained first (since no CLIP may be downloaded: naming each patch of fresh grids of randomly distorted
+training scans and labelling each digit's patch with how many cells show that digit; griddigits_tower.py),
+then projector + LLM learn the questions with the tower frozen (3,500 steps), then 2,000 more steps on
+training images that each ask three count questions (`--count-steps`). It then evaluates side by side at
+~67 % and ~89 % visual-token reduction (the paper's 192 and 64 of 576, scaled to N):
 
   full model | Stage 1 only | Stage 2 only | DUET inference-only | DUET trained with compression
 
@@ -19,23 +14,21 @@ to N):
 the forward pass. Writes table.md, accuracy.png, results.json and every setting's answers
 (answers/<setting>.jsonl, with the expected answers) to --out.
 
-`--video` runs the same recipe on clips (a tiny Video-LLaVA, 4 frames of 2x2 grids at 64 px, N = 4 x 64 =
-256 patches) at the paper's video reductions, ~53 % and ~93 % (960 and 136 of 2048), with the tower
-pre-trained on the training frames (`--tower scans`), which measured better there, 5,000 decoder steps and no
-count steps, and with `--cls-saliency` (full model 64.5 % against 57.5 % without; for images it cost
-94.0 -> 85.0 %, so it is off there).
+`--video` runs it on clips (a tiny Video-LLaVA, 4 frames of 2x2 grids at 64 px, N = 4 x 64 = 256 patches) at
+the paper's video reductions, ~53 % and ~93 % (960 and 136 of 2048): the tower pre-trained on the training
+frames with its CLS attention taught to fall on the digits, 5,000 decoder steps, no count steps.
 
-    .venv/bin/python benchmarks/accuracy_table.py --out results/accuracy          # ~46 min on 2 cores
-    .venv/bin/python benchmarks/accuracy_table.py --out results/video --video
-    .venv/bin/python benchmarks/accuracy_table.py --out /tmp/acc --quick          # smoke test, < 1 min
+    .venv/bin/python benchmarks/accuracy_table.py --out runs/accuracy          # ~46 min on 2 cores
+    .venv/bin/python benchmarks/accuracy_table.py --out runs/video --video
+    .venv/bin/python benchmarks/accuracy_table.py --out /tmp/acc --quick       # smoke test, < 1 min
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -43,15 +36,16 @@ from pathlib import Path
 import torch
 
 from duet_export.config import DuetConfig
-from duet_export.data.griddigits import GridSpec, box_patches, build_griddigits
+from duet_export.data.griddigits import GridSpec, build_griddigits
 from duet_export.data.records import read_llava_json, read_questions, write_answers
 from duet_export.evaluation import evaluate
-from duet_export.inputs import prepare_inputs
-from duet_export.loading import load, load_image, load_visual
-from duet_export.prompts import image_pixels
+from duet_export.loading import load
 from duet_export.stages.budget import report, resolve_budget
 from duet_export.tiny import TinyLlavaSpec, build_tiny_llava, build_tiny_video_llava
 from duet_export.training import TrainSettings, parse_parts, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tower's pre-training lives beside this script
+from griddigits_tower import balance_init, pretrain_vision, pretrain_vision_distorted
 
 MODEL = TinyLlavaSpec(
     image_size=128,
@@ -77,255 +71,19 @@ MODEL = TinyLlavaSpec(
 DATA = dict(rows=4, cols=4, cell=32, digit=8, align=8)
 REDUCTIONS = (2 / 3, 8 / 9)  # the paper's 192/576 and 64/576
 COUNT_QUESTIONS = 3  # per training image in --count-steps' data
-SALIENCY_SLACK = 0.1  # nats over the least cross-entropy at which --cls-saliency stops pulling
-VISION_AUGMENTED_COPIES = 20  # distorted copies of each training scan for the tower's pre-training
-TOWER_PRETRAINING = (
-    "distorted",
-    "distorted-positions",
-    "distorted-counts",
-    "distorted-counts-positions",
-    "scans",
-)
+# The recipe's fixed choices (the options that searched them are gone; docs/accuracy.md names the commit
+# that still has them). Recorded in results.json under these names, so earlier runs' full models are reused.
+RECIPE = dict(
+    learning_rate=5e-4, train_parts="projector,llm", text_layers=None, feature_layer=None, jitter=False,
+    conversations=False, augment_digits=False, train_counts=1, locate=False, position_squeeze=0.0,
+    squeeze_only_counts=False,
+)  # fmt: skip
 
 # Video: 4 frames of 2x2 cells (64 px, 64 patches each), the same tower and decoder sizes.
 VIDEO_FRAMES = 4
 VIDEO_MODEL = replace(MODEL, image_size=64)
 VIDEO_DATA = dict(rows=2, cols=2, cell=32, digit=8, align=8, frames=VIDEO_FRAMES)
 VIDEO_REDUCTIONS = (1 - 960 / 2048, 1 - 136 / 2048)  # the paper's Video-LLaVA settings
-
-
-def _box_targets(box_lists: list[list], grid: int, patch: int, fill: int, value) -> torch.Tensor:
-    """[images, grid * grid]: `value(box, labels)` on every patch a digit box `[y, x, size, label]` touches
-    (`labels`: all the image's digit labels), `fill` elsewhere."""
-    target = torch.full((len(box_lists), grid * grid), fill, dtype=torch.long)
-    for i, boxes in enumerate(box_lists):
-        labels = [box[3] for box in boxes]
-        for box in boxes:
-            target[i, box_patches(box, grid, patch)] = value(box, labels)
-    return target
-
-
-def _patch_targets(box_lists: list[list], grid: int, patch: int) -> torch.Tensor:
-    """Patch labels for the tower's pre-training: the digit (0-9) of every patch a digit box touches, 10
-    (background) elsewhere."""
-    return _box_targets(box_lists, grid, patch, 10, lambda box, labels: box[3])
-
-
-def _digit_tallies(box_lists: list[list], grid: int, patch: int) -> torch.Tensor:
-    """For the tower's counting objective: on every patch a digit box touches, how many boxes of the image
-    show that digit; -100 (ignored) elsewhere."""
-    return _box_targets(box_lists, grid, patch, -100, lambda box, labels: labels.count(box[3]))
-
-
-def _tower_outputs(adapter, pixels: torch.Tensor, saliency: bool = False):
-    """The feature layer's output for every patch (CLS dropped: what the patch labels are about) and, with
-    `saliency`, the CLS attention over the patches that Stage 1 ranks them by (`adapter.vision_layer`'s
-    scores, mean over heads), here with gradients; else None."""
-    out = adapter.vision_layer(pixels, need_scores=saliency, score_grad=saliency)
-    features = out.hidden[:, 1:]  # CLS dropped, as labelled
-    if not saliency:
-        return features, None
-    heads = adapter.tower.encoder.layers[adapter.feature_layer_index].self_attn.num_heads
-    return features, out.cls_attention / heads
-
-
-def _saliency_loss(
-    attention: torch.Tensor, target: torch.Tensor, slack: float = SALIENCY_SLACK, log: bool = False
-) -> torch.Tensor:
-    """How far the CLS attention over patches [B, N] is from an even share on each digit patch (`target` !=
-    10): its cross-entropy against that share, above the least possible (log of the digit patches' number)
-    plus `slack` nats, so that it stops pulling once ~90 % of the attention is on the digits and leaves the
-    tower's capacity to its other labels (pulling all the way cost the counting label ~25 points). A
-    pretrained CLIP's CLS attends to an image's content, which is what Stage 1 keeps; this tower learns it
-    here because nothing can be downloaded. Images without digits add 0. `log` prints the attention's share
-    on the digits."""
-    digits = (target != 10).float()
-    if log:
-        print(f"  CLS attention on digit patches {float((attention.detach() * digits).sum(-1).mean()):.3f}")
-    n = digits.sum(-1)
-    share = digits / n.unsqueeze(-1).clamp(min=1)
-    excess = -(share * attention.clamp(min=1e-9).log()).sum(-1) - n.clamp(min=1).log()
-    return torch.relu(excess - slack).mean()
-
-
-def _log_due(step: int, steps: int) -> bool:
-    """Five log lines over a pre-training run, and the last step."""
-    return step % max(1, steps // 5) == 0 or step == steps - 1
-
-
-def _log_vision_step(
-    step: int, steps: int, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor
-) -> float:
-    """Digit-patch accuracy of this batch, printed five times over the run; returned."""
-    digits = target != 10
-    accuracy = float((logits.argmax(-1)[digits] == target[digits]).float().mean())
-    if _log_due(step, steps):
-        print(
-            f"vision pre-training step {step + 1}/{steps}: loss {loss.item():.3f}, digit-patch accuracy {accuracy:.3f}"
-        )
-    return accuracy
-
-
-def pretrain_vision(
-    model_dir: Path, data: Path, steps: int, batch: int, seed: int, saliency: bool = False
-) -> float:
-    """Stage 0 of the LLaVA recipe, done here instead of downloading CLIP: teach the vision tower to tell
-    the digits apart, by classifying every patch (digit 0-9 or background) from the feature layer's output,
-    on the training images only (their layout says where each digit is). Returns the last batch accuracy.
-    """
-    import random
-
-    loaded = load(model_dir)
-    adapter, tower = loaded.adapter, loaded.adapter.tower
-    patch, grid = adapter.patch_size, adapter.image_size // adapter.patch_size
-    head = torch.nn.Linear(tower.config.hidden_size, 11)
-    rows = [json.loads(line) for line in (data / "train_layout.jsonl").read_text().splitlines() if line]
-    params = [*tower.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    rng = random.Random(seed)
-    tower.train()
-    accuracy = 0.0
-    for step in range(steps):
-        chunk = rng.sample(rows, batch)
-        images = [load_image(data / r["image"]) for r in chunk]
-        pixels = torch.from_numpy(image_pixels(loaded.processor.image_processor, images))
-        target = _patch_targets([r["digits"] for r in chunk], grid, patch)
-        hidden, attention = _tower_outputs(adapter, pixels, saliency)
-        logits = head(hidden)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), target.reshape(-1))
-        if saliency:
-            loss = loss + _saliency_loss(attention, target, log=_log_due(step, steps))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        accuracy = _log_vision_step(step, steps, loss, logits, target)
-    tower.eval()
-    loaded.model.save_pretrained(model_dir)
-    return accuracy
-
-
-def pretrain_vision_distorted(
-    model_dir: Path,
-    data: Path,
-    steps: int,
-    batch: int,
-    seed: int,
-    positions: bool = True,
-    counts: bool = False,
-    saliency: bool = False,
-) -> float:
-    """Stage 0 of the LLaVA recipe, done here instead of downloading CLIP: teach the vision tower to tell
-    the digits apart, by classifying every patch (digit 0-9 or background) from the feature layer's output.
-    Each batch is freshly drawn grids of the training split's scans, each scan randomly distorted
-    (`augment_scans`): on the ~900 scans as they are the tower memorised them (a linear probe of its
-    features read unseen digits 95 % right, below the 96.6 % of logistic regression on raw pixels).
-    Returns the last batch's digit-patch accuracy.
-    """
-    import numpy as np
-
-    from duet_export.data.griddigits import augment_scans, digit_scans, render_grid
-
-    loaded = load(model_dir)
-    adapter, tower = loaded.adapter, loaded.adapter.tower
-    patch, grid = adapter.patch_size, adapter.image_size // adapter.patch_size
-    spec = replace(GridSpec(**json.loads((data / "spec.json").read_text())["spec"]), frames=1)
-    rng = np.random.default_rng(seed)
-    scans, labels = digit_scans(spec, "train")
-    scans = np.concatenate([scans] + [augment_scans(scans, rng) for _ in range(VISION_AUGMENTED_COPIES)])
-    labels = np.tile(labels, VISION_AUGMENTED_COPIES + 1)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the Trainer picks the GPU too
-    tower.to(device)
-    head = torch.nn.Linear(tower.config.hidden_size, 11).to(device)
-    where = torch.nn.Linear(tower.config.hidden_size, 2 * grid).to(device)  # each patch's row and column
-    cells = spec.rows * spec.cols
-    how_many = torch.nn.Linear(tower.config.hidden_size, cells + 1).to(device)  # cells showing its digit
-    params = [*tower.parameters(), *head.parameters()]
-    params += [*(where.parameters() if positions else ()), *(how_many.parameters() if counts else ())]
-    patch_rows = (torch.arange(grid * grid, device=device) // grid).repeat(batch)
-    patch_cols = (torch.arange(grid * grid, device=device) % grid).repeat(batch)
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
-    # most patches are background: weigh them down, or the digits are learnt last
-    weight = torch.tensor([1.0] * 10 + [0.1], device=device)
-    tower.train()
-    accuracy = 0.0
-    shape = (spec.rows, spec.cols)
-    for step in range(steps):
-        images, box_lists = [], []
-        for _ in range(batch):
-            picks = np.where(rng.random(shape) < spec.empty, -1, rng.integers(len(scans), size=shape))
-            image, boxes = render_grid(spec, scans, picks, rng, labels[np.maximum(picks, 0)])
-            images.append(image)
-            box_lists.append(boxes)
-        pixels = torch.from_numpy(image_pixels(loaded.processor.image_processor, images)).to(device)
-        target = _patch_targets(box_lists, grid, patch).to(device)
-        hidden, attention = _tower_outputs(adapter, pixels, saliency)
-        logits = head(hidden)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), target.reshape(-1), weight=weight)
-        if positions:
-            place = where(hidden).reshape(-1, 2 * grid)
-            loss = loss + 0.5 * (
-                torch.nn.functional.cross_entropy(place[:, :grid], patch_rows)
-                + torch.nn.functional.cross_entropy(place[:, grid:], patch_cols)
-            )
-        if saliency:
-            loss = loss + _saliency_loss(attention, target, log=_log_due(step, steps))
-        if counts:
-            many = how_many(hidden)
-            tally = _digit_tallies(box_lists, grid, patch).to(device)
-            loss = loss + 0.5 * torch.nn.functional.cross_entropy(
-                many.reshape(-1, cells + 1), tally.reshape(-1)
-            )
-            if _log_due(step, steps):
-                on = tally != -100
-                print(
-                    f"  count-of-its-digit accuracy {float((many.argmax(-1)[on] == tally[on]).float().mean()):.3f}"
-                )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        accuracy = _log_vision_step(step, steps, loss, logits, target)
-    tower.eval().to("cpu")
-    loaded.model.save_pretrained(model_dir)
-    return accuracy
-
-
-def balance_init(model_dir: Path, data: Path) -> dict[str, float]:
-    """Put token identity, layer updates and visual tokens on one scale before training (after the tower's
-    pre-training). With one init std for everything (HF's default) a 128-wide model starts with text
-    embeddings of norm ~1 under layer outputs of norm ~13, and the pre-trained tower's features arrive ~20x
-    larger still: the question's few tokens then move the answer by ~1 %, and the model learned to read the
-    grid but answered every question alike. So: text embeddings at unit RMS per entry (the scale every
-    RMS-normed layer input has), the residual projections (o_proj, down_proj) scaled by 1/sqrt(2L) as
-    GPT-2 does, and the projector's output layer scaled so visual tokens enter at the text embeddings' norm.
-    Returns the factors applied."""
-    loaded = load(model_dir)
-    adapter = loaded.adapter
-    lm = loaded.model.model.language_model
-    layout = json.loads((data / "train_layout.jsonl").read_text().splitlines()[0])
-    frame = data / layout["image"]  # a video model takes the frame's whole clip (its folder)
-    visual = load_visual(frame.parent if adapter.media == "video" else frame, adapter)
-    inputs = prepare_inputs(loaded.processor, adapter, [visual], ["Which digits are in the image?"])
-    pixels = inputs.get("pixel_values", inputs.get("pixel_values_videos"))
-    with torch.no_grad():
-        embed = lm.embed_tokens.weight
-        factors = {"embeddings": float(1.0 / embed.pow(2).mean().sqrt())}
-        embed.mul_(factors["embeddings"])
-        factors["residual"] = 1.0 / math.sqrt(2 * len(lm.layers))
-        for layer in lm.layers:
-            layer.self_attn.o_proj.weight.mul_(factors["residual"])
-            layer.mlp.down_proj.weight.mul_(factors["residual"])
-        out = adapter.vision_layer(pixels.flatten(0, pixels.dim() - 4), need_scores=False)
-        visual_norm = adapter.project(adapter.uncompressed_tokens(out.hidden)).norm(dim=-1).mean()
-        text_norm = adapter.embed(inputs["input_ids"]).norm(dim=-1).mean()
-        factors["projector"] = float(text_norm / visual_norm)
-        last = loaded.model.model.multi_modal_projector.linear_2
-        last.weight.mul_(factors["projector"])
-        last.bias.mul_(factors["projector"])
-    loaded.model.save_pretrained(model_dir)
-    print("balanced initialisation: " + ", ".join(f"{k} x{v:.4f}" for k, v in factors.items()))
-    return factors
 
 
 def stage1_only(duet: DuetConfig, budget: int) -> DuetConfig:
@@ -348,7 +106,7 @@ def count_training(
     """Continue the full model on training data whose images each ask `COUNT_QUESTIONS` count questions
     (the later ones about digits the image shows), for `steps` steps at the same learning rate: trained on
     the table's data alone the decoder answers every count of 2-4 with "1" (README item 6); with the
-    counting tower (`--tower distorted-counts`) these steps teach it to count. Returns the new training
+    counting tower these steps teach it to count. Returns the new training
     examples (the fine-tunes with compression use them too) and the model's directory."""
     spec = GridSpec(**json.loads((data / "spec.json").read_text())["spec"])
     counts_data = out / "data-counts"
@@ -423,83 +181,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
     ap.add_argument("--train-images", type=int, default=6000)
     ap.add_argument("--test-images", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    recipe = ap.add_argument_group("recipe search (the defaults make the published table)")
-    recipe.add_argument("--learning-rate", type=float, default=5e-4)
-    recipe.add_argument(
-        "--train-parts", default="projector,llm", help="comma-separated: vision, projector, llm (or all)"
-    )
-    recipe.add_argument("--text-layers", type=int, help="decoder layers (default: the model spec's)")
-    recipe.add_argument(
-        "--feature-layer",
-        type=int,
-        help="the tower layer the projector reads (default -1, the last; LLaVA's -2 is the first of two here)",
-    )
-    recipe.add_argument(
-        "--jitter", action="store_true", help="digits anywhere on the patch grid of their cells (harder)"
-    )
-    recipe.add_argument(
-        "--conversations",
-        action="store_true",
-        help="a conversation per training image, not a record per question",
-    )
-    recipe.add_argument(
-        "--augment-digits", action="store_true", help="training digits as random distortions of their scans"
-    )
-    recipe.add_argument(
-        "--tower",
-        choices=TOWER_PRETRAINING,
-        help="the tower's pre-training: digit labels of fresh grids of distorted training scans (distorted), "
-        "also each patch's row and column (distorted-positions) or how many cells show the digit of each "
-        "digit patch (distorted-counts, the default for images), or of the training "
-        "images (scans, the default with --video: distorted gave 53.0 %% against 57.5 %% there)",
-    )
-    recipe.add_argument(
-        "--train-counts",
-        type=int,
-        default=1,
-        help="count questions per training image (GridSpec.train_counts)",
-    )
-    recipe.add_argument(
-        "--locate",
-        action="store_true",
-        help='training images also ask "Which cells show a 7?" (every cell of a digit shown, GridSpec.locate)',
-    )
-    recipe.add_argument(
+    ap.add_argument(
         "--count-steps",
         type=int,
         help="after the full model's training, this many more steps on training data with "
         f"{COUNT_QUESTIONS} count questions per image (data-counts/); the table's full model is then that model "
         "(default 2000 for images, 0 with --video)",
     )
-    recipe.add_argument(
-        "--position-squeeze",
-        type=float,
-        default=0.0,
-        help="full model (and count steps): squeeze each image's visual positions into a random 1 - S to 1 "
-        "of their span (TrainSettings.position_squeeze), so that cells are not read by sequence place",
-    )
-    recipe.add_argument(
-        "--squeeze-only-counts",
-        action="store_true",
-        help="--position-squeeze in the count steps only: the full model learns the questions with sequence "
-        "place to help, the count steps go on without it",
-    )
-    recipe.add_argument(
-        "--cls-saliency",
-        action=argparse.BooleanOptionalAction,
-        help="also train the tower's CLS attention, which Stage 1 ranks patches by, to fall evenly on "
-        "the digits, as a pretrained CLIP's falls on content (README item 9; the default with --video, "
-        "where the full model gained 57.5 -> 64.5 %%, not for images, where it lost 94.0 -> 85.0 %%)",
-    )
-    recipe.add_argument("--only-full", action="store_true", help="train and evaluate the full model only")
+    ap.add_argument("--only-full", action="store_true", help="train and evaluate the full model only")
     args = ap.parse_args(argv)
-    args.tower = args.tower or ("scans" if args.video else "distorted-counts")
+    for name, value in RECIPE.items():
+        setattr(args, name, value)
+    # images: a tower pre-trained on distorted scans that also counts; clips: on the training frames, with
+    # the CLS saliency loss (full model 64.5 % against 57.5 % without; for images it cost 94.0 -> 85.0 %)
+    args.tower = "scans" if args.video else "distorted-counts"
+    args.cls_saliency = args.video
     if args.steps is None:
         args.steps = 5000 if args.video else 3500
     if args.vision_steps is None:
-        args.vision_steps = 300 if args.tower == "scans" else 3500 if "counts" in args.tower else 1000
-    if args.cls_saliency is None:
-        args.cls_saliency = args.video
+        args.vision_steps = 300 if args.video else 3500
     if args.count_steps is None:
         args.count_steps = 0 if args.video else 2000
     for name, value, least in (
@@ -510,18 +210,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
     ):
         if value < least:
             ap.error(f"--{name} must be at least {least}, got {value}")
-    if not 0 <= args.position_squeeze < 1:
-        ap.error(f"--position-squeeze must be in [0, 1), got {args.position_squeeze}")
-    if args.squeeze_only_counts and not (args.position_squeeze and args.count_steps):
-        ap.error("--squeeze-only-counts needs --position-squeeze and count steps")
-    layers = MODEL.vision_layers  # the video model's too
-    if args.feature_layer is not None and not -layers - 1 <= args.feature_layer <= layers:
-        ap.error(f"--feature-layer: the tower has {layers} layers, got {args.feature_layer}")
     if args.quick:
         args.steps, args.finetune_steps, args.train_images, args.test_images = 30, 10, 60, 8
         args.vision_steps, args.count_steps = 5, min(args.count_steps, 10)
     # runs from before --cls-saliency trained without it, whatever its default now
-    return args, {**recorded_args(ap.parse_args([])), "cls_saliency": False}
+    return args, {**recorded_args(ap.parse_args([])), **RECIPE, "cls_saliency": False}
 
 
 def main() -> None:
@@ -535,10 +228,6 @@ def main() -> None:
     model_spec, layout, reductions = (
         (VIDEO_MODEL, VIDEO_DATA, VIDEO_REDUCTIONS) if args.video else (MODEL, DATA, REDUCTIONS)
     )
-    if args.text_layers:
-        model_spec = replace(model_spec, text_layers=args.text_layers)
-    if args.feature_layer is not None:
-        model_spec = replace(model_spec, feature_layer=args.feature_layer)
     parts = parse_parts(args.train_parts)
     data = out / "data"
     if not (data / "spec.json").is_file():
@@ -547,11 +236,6 @@ def main() -> None:
             train_images=args.train_images,
             test_images=args.test_images,
             seed=args.seed,
-            jitter=args.jitter,
-            conversations=args.conversations,
-            augment=args.augment_digits,
-            train_counts=args.train_counts,
-            locate=args.locate,
         )
         build_griddigits(data, spec)
     examples = read_llava_json(data / "train.json")
@@ -567,26 +251,17 @@ def main() -> None:
             build_tiny_video_llava(base, model_spec, frames=VIDEO_FRAMES)
         else:
             build_tiny_llava(base, model_spec)
-        if args.tower == "scans":
-            pretrain_vision(base, data, args.vision_steps, 32, args.seed, saliency=args.cls_saliency)
+        if args.video:
+            pretrain_vision(base, data, args.vision_steps, 32, args.seed, saliency=True)
         else:
-            counts, positions = "counts" in args.tower, "positions" in args.tower
             pretrain_vision_distorted(
-                base,
-                data,
-                args.vision_steps,
-                32,
-                args.seed,
-                positions=positions,
-                counts=counts,
-                saliency=args.cls_saliency,
+                base, data, args.vision_steps, 32, args.seed, positions=False, counts=True
             )
         balance_init(base, data)
     full_dir = out / "full"
     settings = TrainSettings(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         warmup_steps=min(100, args.steps // 10), train=parts, save_steps=10**9, seed=args.seed, log_steps=max(1, args.steps // 30),
-        position_squeeze=0.0 if args.squeeze_only_counts else args.position_squeeze,
         force=True,  # a full model not reused above is this run's own output: trained again
     )  # fmt: skip
     full_step = trained_full_model(out, args, model_spec, defaults)
@@ -595,8 +270,7 @@ def main() -> None:
     else:
         print(f"reusing the full model in {full_dir} (trained by an earlier run with these arguments)")
     if args.count_steps:
-        counting = replace(settings, position_squeeze=args.position_squeeze)
-        examples, full_dir = count_training(out, data, full_dir, counting, args.count_steps)
+        examples, full_dir = count_training(out, data, full_dir, settings, args.count_steps)
     loaded = load(full_dir)
     geometry = loaded.adapter.geometry()
     n = geometry.total_patches

@@ -141,21 +141,29 @@ def table():
     return module
 
 
-def test_tower_counting_targets(table):
-    """The accuracy table's `--tower distorted-counts` objective: each patch a digit touches is labelled
+@pytest.fixture(scope="module")
+def tower(table):
+    """benchmarks/griddigits_tower.py, which the table script imports from beside itself."""
+    import griddigits_tower
+
+    return griddigits_tower
+
+
+def test_tower_counting_targets(tower):
+    """The accuracy table's counting tower objective: each patch a digit touches is labelled
     with how many cells of its image show that digit; background is ignored (-100)."""
     layout = [[[0, 0, 8, 7], [0, 16, 8, 7], [8, 8, 8, 3]], [[4, 4, 8, 7]]]
-    tallies = table._digit_tallies(layout, grid=4, patch=8)
+    tallies = tower._digit_tallies(layout, grid=4, patch=8)
     assert tallies[0].tolist() == [2, -100, 2, -100, -100, 1] + [-100] * 10
     assert tallies[1].tolist() == [1, 1, -100, -100, 1, 1] + [-100] * 10
 
 
-def test_tower_saliency_trains_the_scores_stage1_ranks_by(table, tiny):
-    """`--cls-saliency`: the attention the tower learns from is Stage 1's own score (the adapter's
+def test_tower_saliency_trains_the_scores_stage1_ranks_by(tower, tiny):
+    """The video recipe's CLS saliency loss: the attention the tower learns from is Stage 1's own score (the adapter's
     `vision_layer`, mean over heads), with gradients; its loss is 0 once it is (nearly) even over the digits."""
     adapter = tiny.adapter
     pixels = torch.randn(2, 3, adapter.image_size, adapter.image_size)
-    features, attention = table._tower_outputs(adapter, pixels, saliency=True)
+    features, attention = tower._tower_outputs(adapter, pixels, saliency=True)
     stage1 = adapter.vision_layer(pixels, need_scores=True)  # as compression calls it: scores only rank
     assert attention.requires_grad and not stage1.cls_attention.requires_grad
     heads = adapter.tower.encoder.layers[adapter.feature_layer_index].self_attn.num_heads
@@ -163,31 +171,31 @@ def test_tower_saliency_trains_the_scores_stage1_ranks_by(table, tiny):
     torch.testing.assert_close(features.detach(), stage1.hidden[:, 1:].detach())
     target = torch.full_like(attention, 10, dtype=torch.long)
     target[:, :4] = 3  # four digit patches
-    table._saliency_loss(attention, target).backward()
+    tower._saliency_loss(attention, target).backward()
     assert adapter.tower.encoder.layers[adapter.feature_layer_index].self_attn.q_proj.weight.grad is not None
     even = torch.zeros_like(attention)
     even[:, :4] = 0.25
     spread = torch.full_like(attention, 1 / attention.shape[1])
     nearly = even * 0.95 + spread * 0.05  # 95 % on the digits: within the slack, no pull
-    assert float(table._saliency_loss(even, target)) == 0 and float(table._saliency_loss(nearly, target)) == 0
-    assert float(table._saliency_loss(spread, target)) > 1  # log(N / 4) - slack
+    assert float(tower._saliency_loss(even, target)) == 0 and float(tower._saliency_loss(nearly, target)) == 0
+    assert float(tower._saliency_loss(spread, target)) > 1  # log(N / 4) - slack
 
 
-def test_table_defaults_follow_video(table):
-    """`--video` defaults to the scans tower with `--cls-saliency` (full model 57.5 -> 64.5 %), images to the
-    counting tower without it (94.0 -> 85.0 %); either can be switched; a run from before the flag counts
-    as one without it, so its full model is not taken for a saliency one. Step counts follow the tower and
-    the media (images: 3,500 + 3,500 + 2,000, the ~46-minute recipe)."""
+def test_table_defaults_follow_video(table, capsys):
+    """Images: the counting tower without CLS saliency and 3,500 + 3,500 + 2,000 steps (the ~46-minute
+    recipe); clips: the scans tower with it (full model 57.5 -> 64.5 %), 300 + 5,000 steps, no count steps.
+    The recipe-search options are gone (docs/accuracy.md names the commit that has them)."""
     image, defaults = table.parse_args([])
     video, _ = table.parse_args(["--video"])
     assert (image.tower, image.cls_saliency, image.count_steps) == ("distorted-counts", False, 2000)
     assert (image.vision_steps, image.steps) == (3500, 3500)
     assert (video.tower, video.cls_saliency, video.count_steps) == ("scans", True, 0)
     assert (video.vision_steps, video.steps) == (300, 5000)
-    assert table.parse_args(["--tower", "distorted"])[0].vision_steps == 1000
-    assert table.parse_args(["--video", "--no-cls-saliency"])[0].cls_saliency is False
-    assert table.parse_args(["--cls-saliency"])[0].cls_saliency is True
-    assert defaults["cls_saliency"] is False
+    assert defaults["cls_saliency"] is False and image.learning_rate == defaults["learning_rate"] == 5e-4
+    for gone in (["--tower", "distorted"], ["--cls-saliency"], ["--position-squeeze", "0.5"], ["--jitter"]):
+        with pytest.raises(SystemExit):
+            table.parse_args(gone)
+        assert "unrecognized arguments" in capsys.readouterr().err
 
 
 def test_table_reuses_a_full_model_wherever_its_folder_now_is(table, tmp_path):
@@ -208,7 +216,7 @@ def test_table_reuses_a_full_model_wherever_its_folder_now_is(table, tmp_path):
         return table.trained_full_model(tmp_path / "copy", args, table.MODEL, defaults)
 
     assert reused() == 0.25 and reused("--count-steps", "500", "--finetune-steps", "3000") == 0.25
-    assert reused("--learning-rate", "1e-3") is None and reused("--cls-saliency") is None
+    assert reused("--video") is None and reused("--seed", "1") is None
     assert reused("--steps", "5000") is None and reused("--vision-steps", "4000") is None
 
 
@@ -220,19 +228,6 @@ def test_table_refuses_bad_step_counts(table, argv, capsys):
     with pytest.raises(SystemExit) as stop:
         table.parse_args(argv)
     assert stop.value.code == 2 and f"{argv[0]} must be at least" in capsys.readouterr().err
-
-
-def test_table_squeezes_only_the_count_steps_when_asked(table, capsys):
-    """`--squeeze-only-counts` needs a squeeze and count steps to apply it to."""
-    for argv in (
-        ["--squeeze-only-counts"],
-        ["--squeeze-only-counts", "--position-squeeze", "0.5", "--count-steps", "0"],
-    ):
-        with pytest.raises(SystemExit):
-            table.parse_args(argv)
-        assert "--squeeze-only-counts needs" in capsys.readouterr().err
-    args, _ = table.parse_args(["--squeeze-only-counts", "--position-squeeze", "0.5"])
-    assert args.squeeze_only_counts and args.count_steps == 2000
 
 
 @pytest.fixture(scope="module")
