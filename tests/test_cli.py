@@ -219,3 +219,25 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (tmp_path / "demo" / "tiny-llava" / "model.safetensors").is_file()
     assert "DUET answer on onnxruntime (the same tokens as PyTorch)" in result.stdout
     assert (tmp_path / "demo" / "bundle" / "manifest.json").is_file()
+    assert "K/V cache after the prompt" in result.stdout and " ms " not in result.stdout
+
+
+def test_demo_reports_savings_that_follow_the_kept_tokens(tmp_path):
+    """The K/V bytes the demo prints are what the model's own cache holds after the prompt, compressed or not."""
+    import torch
+
+    from duet_export import compress, load, prepare_inputs
+    from duet_export.demo import DEMO_PROMPT, demo_image, run_demo
+
+    out = run_demo(tmp_path / "demo", echo=lambda m: None)
+    assert out["flops"][1] < out["flops"][0]
+    loaded = load(tmp_path / "demo" / "tiny-llava")
+    cached = []
+    for config in (None, out["config"]):
+        if config is not None:
+            compress(loaded.model, config)
+        inputs = prepare_inputs(loaded.processor, loaded.adapter, [demo_image()], [DEMO_PROMPT], config)
+        with torch.no_grad():
+            cache = loaded.model(**inputs, use_cache=True).past_key_values
+        cached.append(sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers))
+    assert tuple(out["kv_bytes"]) == tuple(cached)
