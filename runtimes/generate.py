@@ -86,7 +86,9 @@ class OnnxVLM:
         io_binding: bool | None = None,
         device_cache: bool | None = None,
     ) -> None:
-        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, provider, settings)
+        self.bundle = (
+            bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, provider, settings, on_note=on_note)
+        )
         device = "cuda" if self.bundle.provider == "CUDAExecutionProvider" else "cpu"
         # The K/V cache in the provider's memory (`runtimes.kv_cache`), so that on CUDA it never crosses to
         # the host between steps. The CPU provider runs the same IOBinding code on host memory (measured

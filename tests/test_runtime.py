@@ -106,3 +106,20 @@ def test_shared_weights_turn_prepacking_off_and_answer_the_same(bundles):
     settings = GenerationSettings(max_new_tokens=8)
     expected = [a.token_ids for a in plain.generate(IMAGES, PROMPTS, settings)]
     assert [a.token_ids for a in shared.generate(IMAGES, PROMPTS, settings)] == expected
+
+
+def test_weights_are_shared_when_packed_copies_would_not_fit(bundles, monkeypatch):
+    """On the CPU, a bundle whose packed weights would exceed the memory available opens with the weights
+    shared (and says so); with room to spare, the sessions pack them as onnxruntime does by default."""
+    from duet_export.runtimes import session as session_module
+
+    prepack = "session.disable_prepacking"
+    monkeypatch.setattr(session_module, "_available_bytes", lambda: 1024)
+    notes: list[str] = []
+    tight = OnnxVLM(bundles / "cpu", provider="cpu", on_note=notes.append)
+    assert tight.bundle.settings.share_weights and any("share the mapped weights" in n for n in notes)
+    for session in tight.bundle.sessions.values():
+        assert session.get_session_options().get_session_config_entry(prepack) == "1"
+    monkeypatch.setattr(session_module, "_available_bytes", lambda: 1 << 50)
+    roomy = OnnxVLM(bundles / "cpu", provider="cpu")
+    assert not roomy.bundle.settings.share_weights
