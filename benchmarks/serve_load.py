@@ -41,7 +41,7 @@ BATCHES = (1, 4)
 
 def export_bundles(workdir: Path, budget: float, max_tokens: int) -> dict[int, Path]:
     """The mini shape's bundles, one per batch size (exported once; reused while their folder exists)."""
-    out = {b: workdir / f"mini-budget{budget:g}-batch{b}" for b in BATCHES}
+    out = {b: workdir / f"mini-budget{budget:g}-new{max_tokens}-batch{b}" for b in BATCHES}
     if all((p / "manifest.json").is_file() for p in out.values()):
         return out
     from duet_export.bench.run import ensure_model
@@ -200,9 +200,7 @@ def exact(row: dict) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/serve-load"))
-    parser.add_argument(
-        "--budget", type=float, default=192, help="Visual tokens kept (the paper's 192 of 576)."
-    )
+    parser.add_argument("--budget", type=float, default=192, help="Average visual tokens per decoder layer.")
     parser.add_argument("--requests", type=int, default=64, help="Requests per (bundle, clients) row.")
     parser.add_argument("--max-tokens", type=int, default=8, help="New tokens per answer (greedy).")
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
