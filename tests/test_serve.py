@@ -246,6 +246,7 @@ BAD_REQUESTS = [
     ("absolute-path-outside", {"messages": user("hi", "/etc/passwd")}, 403, "outside"),
     ("link-to-outside", {"messages": user("hi", "link.png")}, 403, "outside"),
     ("missing-file", {"messages": user("hi", "nothing.png")}, 400, "no image file"),
+    ("nul-in-path", {"messages": user("hi", "img0.png\u0000.txt")}, 400, "resolve"),
 ]
 
 

@@ -3,7 +3,7 @@
     duet-export serve bundle/ --port 8000
     curl http://127.0.0.1:8000/v1/models
 
-Needs the `serve` extra (`pip install -e '.[serve]'`: FastAPI and uvicorn). `requests` parses a
+Needs the `serve` extra (`pip install -e '.[serve]'`: FastAPI and uvicorn). `parsing` reads a
 chat-completions body, `batcher` runs queued requests together up to the bundle's batch, `app` is the HTTP
 side and `server` starts it and drains it on SIGTERM / Ctrl-C.
 """

@@ -28,7 +28,7 @@ from duet_export.errors import DuetError, one_line
 from duet_export.prompts import EncodedPrompts
 from duet_export.runtimes import OnnxVLM
 from duet_export.serve.batcher import Job, MicroBatcher, Stopping
-from duet_export.serve.requests import ApiError, ChatRequest, Limits, parse_chat_request, read_image_url
+from duet_export.serve.parsing import ApiError, ChatRequest, Limits, parse_chat_request, read_image_url
 
 __all__ = ["create_app"]
 

@@ -23,7 +23,7 @@ from duet_export.errors import DuetError
 from duet_export.runtimes import OnnxVLM, ProviderSettings
 from duet_export.serve.app import create_app
 from duet_export.serve.batcher import MicroBatcher
-from duet_export.serve.requests import Limits
+from duet_export.serve.parsing import Limits
 
 __all__ = ["ServeOptions", "make_server", "serve"]
 

@@ -216,7 +216,10 @@ def _allowed_file(path: str, limits: Limits) -> Image.Image:
         raise ApiError(400, "image paths are refused: start the server with --allow-files DIR", "messages")
     root = limits.allow_files.resolve()
     given = Path(path)
-    resolved = (given if given.is_absolute() else root / given).resolve()  # links followed before the check
+    try:
+        resolved = (given if given.is_absolute() else root / given).resolve()  # links followed, then checked
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a link loop
+        raise ApiError(400, "the image path is not one the server can resolve", "messages") from None
     if not resolved.is_relative_to(root):
         raise ApiError(403, "the image path lies outside the folder given with --allow-files", "messages")
     if not resolved.is_file():
