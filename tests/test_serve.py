@@ -89,7 +89,8 @@ def served(bundles, files):
 
 def run_cli(bundle: Path, image: Path, prompt: str, *extra) -> tuple[str, int]:
     """`duet-export run`'s answer and prompt token count."""
-    result = CliRunner().invoke(cli, ["run", str(bundle), "--image", str(image), "--prompt", prompt, *extra])
+    args = ["run", str(bundle), "--image", str(image), "--prompt", prompt, *map(str, extra)]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     tokens = int(re.search(r"prompt tokens (\d+)", result.stderr).group(1))
     return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "", tokens
@@ -173,6 +174,22 @@ def test_seeded_sampling_does_not_depend_on_the_batch(served, files):
     alone = ask(7)
     assert answers[:3] == [alone] * 3
     assert answers[3] != alone  # another seed, another sample (32 random tokens)
+
+
+def test_a_seeded_sample_equals_runs_on_a_batch_1_bundle(bundles, files):
+    sampling = {"temperature": 0.7, "top_p": 0.9, "seed": 11}
+    expected, _ = run_cli(
+        bundles / "migraphx", files / "img3.png", PROMPTS[3], "--sample", "--temperature", 0.7, "--top-p", 0.9,
+        "--seed", 11,
+    )  # fmt: skip
+    s = Served(bundles / "migraphx", files, max_wait_ms=0)
+    try:
+        reply = s.client.chat.completions.create(
+            model=s.model, messages=user(PROMPTS[3], "img3.png"), **sampling
+        )
+    finally:
+        s.stop()
+    assert reply.choices[0].message.content == expected
 
 
 def test_streaming_gives_the_same_answer_token_by_token(served, files):
