@@ -409,6 +409,60 @@ def run_cmd(
     click.echo(answer.text)
 
 
+@cli.command("serve")
+@click.argument("bundle", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True, help="0: any free port (printed).")
+@click.option(
+    "--max-wait-ms",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="How long a request may wait for others to fill the bundle's batch.",
+)
+@click.option(
+    "--allow-files",
+    type=click.Path(),
+    help="Let requests name image files under this folder (default: data: URLs only).",
+)
+@click.option("--model-name", help="The model id clients send (default: the bundle folder's name).")
+@click.option(
+    "--max-image-mb", type=float, default=20.0, show_default=True, help="Largest image a request may send."
+)
+@click.option("--access-log", is_flag=True, help="Log every request (uvicorn's access log).")
+@_provider_options
+def serve_cmd(bundle, host, port, max_wait_ms, allow_files, model_name, max_image_mb, access_log, **provider):
+    """Serve a bundle over HTTP with OpenAI's chat-completions API, batching waiting requests together."""
+    try:
+        from duet_export.serve import ServeOptions, serve
+    except ImportError as e:
+        raise DuetError(f"serve needs the serve extra: pip install 'duet-export[serve]' ({e})") from None
+    from duet_export.runtimes import ProviderSettings
+
+    if max_image_mb <= 0:
+        raise DuetError(f"--max-image-mb must be positive, got {max_image_mb}")
+    options = ServeOptions(
+        host=host,
+        port=port,
+        provider=provider["provider"],
+        max_wait_ms=max_wait_ms,
+        allow_files=allow_files,
+        model_name=model_name,
+        max_image_bytes=int(max_image_mb * 2**20),
+        access_log=access_log,
+    )
+    settings = ProviderSettings(
+        provider["device_id"],
+        provider["fp16"],
+        provider["cache_dir"],
+        provider["cuda_graph"],
+        provider["tf32"],
+        thread_pool=provider["thread_pool"],
+        threads=provider["threads"],
+    )
+    serve(bundle, options, settings, echo=lambda line: click.echo(line, err=True))
+
+
 @cli.command("check")
 @click.argument("bundle", type=click.Path())
 @click.option(

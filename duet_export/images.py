@@ -7,6 +7,7 @@ RGB conversion: it is refused, not silently changed), and not empty. Other 8-bit
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -15,7 +16,14 @@ from PIL import Image, UnidentifiedImageError
 
 from duet_export.errors import DuetError
 
-__all__ = ["HIGH_DEPTH_MODES", "check_image_file", "open_image", "open_rgb_image", "to_rgb"]
+__all__ = [
+    "HIGH_DEPTH_MODES",
+    "check_image_file",
+    "open_image",
+    "open_image_bytes",
+    "open_rgb_image",
+    "to_rgb",
+]
 
 HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
@@ -31,16 +39,26 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     return _open(path, load=True)
 
 
+def open_image_bytes(data: bytes, name: str = "the image") -> Image.Image:
+    """An image sent as bytes (a server's upload), read under the same rule as a file; `name` says in the
+    one-line error which input it was."""
+    return _read(io.BytesIO(data), name, load=True)
+
+
 def _open(path: str | os.PathLike, load: bool) -> Image.Image | None:
     p = Path(path)
     if not p.is_file():
         raise DuetError(f"{p}: no such image file")
+    return _read(p, str(p), load)
+
+
+def _read(source: Path | io.BytesIO, p: str, load: bool) -> Image.Image | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
+            with Image.open(source) as im:
                 if im.mode in HIGH_DEPTH_MODES:
-                    to_rgb(im, str(p))
+                    to_rgb(im, p)
                 if not load:
                     return None
                 im.load()

@@ -263,6 +263,10 @@ CASES: list[tuple[str, Callable[[World], list], str]] = [
      w.model / "config.json"], "inside the input"),
     ("overlay-over-image", lambda w: ["inspect", w.model, "--image", w.image, "--prompt", "hi", "--budget", 20,
      "--overlay", w.image], "also an input"),
+    ("serve-allow-files-missing", lambda w: ["serve", w.bundle, "--port", 0, "--allow-files", w.tmp / "none"],
+     "no such folder"),
+    ("serve-negative-max-wait", lambda w: ["serve", w.bundle, "--port", 0, "--max-wait-ms", -1], "--max-wait-ms"),
+    ("serve-bundle-no-target", lambda w: ["serve", w.bundle_copy(_drop("target")), "--port", 0], "'target'"),
     # --- code that came with a model or bundle is never run
     ("model-auto-map", lambda w: ["compress", w.model_copy(_auto_map_model), "--budget", 20], "own code"),
     ("bundle-auto-map", lambda w: ["run", w.bundle_copy(_auto_map_bundle, relist=True), "--image", w.image,
