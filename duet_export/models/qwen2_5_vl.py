@@ -70,7 +70,7 @@ class Qwen2_5_VLAdapter(Adapter):
     family = "qwen2.5-vl"
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
     rules = QWEN2_5_VL_RULES
-    recompact_positions: ClassVar[bool] = False
+    position_modes: ClassVar[tuple[str, ...]] = ("keep",)  # M-RoPE positions are always kept
     visual_input_names: ClassVar[tuple[str, ...]] = ("image_grid_thw",)
     stage1_outputs: ClassVar[tuple[str, ...]] = ("stage1_dominant", "stage1_anchors", "stage1_kept")
     preprocessing = (
@@ -346,8 +346,22 @@ class Qwen2_5_VLAdapter(Adapter):
         return torch.zeros((images * self.patches_per_image, self.patch_dim), dtype=dtype)
 
     # ------------------------------------------------------------------ positions
+    def _positions_refusal(self, chosen: str) -> str:
+        return (
+            f"{self.family} always keeps its M-RoPE (t, h, w) positions, as its reference does: "
+            f"--positions {chosen} does not apply (leave it out, or give keep)"
+        )
+
+    def stage1_kept(self, stage1: V2VResult) -> torch.Tensor:
+        return stage1.kept
+
     def positions(
-        self, ids: torch.Tensor, pad: torch.Tensor, visual: torch.Tensor, kept: torch.Tensor | None
+        self,
+        ids: torch.Tensor,
+        pad: torch.Tensor,
+        visual: torch.Tensor,
+        kept: torch.Tensor | None,
+        per_image: int | None = None,
     ) -> torch.Tensor:
         """[3, B, T] M-RoPE positions of the uncompressed prompt, for the tokens this prompt still holds.
 
@@ -382,7 +396,7 @@ class Qwen2_5_VLAdapter(Adapter):
         cols = torch.where(vis, base + cell % wm, base)
         return torch.stack([base, rows, cols]).masked_fill(~pad.unsqueeze(0), 0)
 
-    def decode_position_offset(self, visual_tokens: int) -> int:
+    def decode_position_offset(self, visual_tokens: int, keep: bool = True) -> int:
         """A generated token sits at (real tokens cached) + this: the uncompressed prompt's image spans
         max(h', w') positions, whatever number of its tokens a layer group still caches."""
         return max(self.merged_grid) - visual_tokens
