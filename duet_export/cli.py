@@ -74,7 +74,8 @@ def cli() -> None:
 @click.option(
     "--budget", type=float, help="Average visual tokens per layer (default: N/3, the paper's 192 of 576)."
 )
-def demo(workdir: str, budget: float | None) -> None:
+@click.option("--positions", type=click.Choice(POSITION_MODES), help="compact (default) or keep.")
+def demo(workdir: str, budget: float | None, positions: str | None) -> None:
     """Build a tiny LLaVA, compress it and answer a prompt, with and without DUET."""
     from duet_export.demo import run_demo
     from duet_export.outputs import DEMO, work_folder
@@ -82,7 +83,7 @@ def demo(workdir: str, budget: float | None) -> None:
     if budget is not None and budget <= 0:
         raise DuetError("--budget must be a positive number of visual tokens")
     with work_folder(workdir, DEMO) as (folder, _):
-        run_demo(folder, budget=budget, echo=click.echo)
+        run_demo(folder, budget=budget, echo=click.echo, positions=positions)
 
 
 @cli.command("compress")

@@ -367,7 +367,8 @@ class Qwen2_5_VLAdapter(Adapter):
 
         The same numbers as `get_rope_index` (left padding included) without its Python loops: a text
         token sits at (#real text tokens before it) + (images before it) * max(h', w'), image token (r, c)
-        of a merged h' x w' grid at base + (0, r, c). `kept` maps each placeholder to its token.
+        of a merged h' x w' grid at base + (0, r, c). `kept` maps each placeholder to its token. One image
+        per prompt, so `per_image` (LLaVA's frame length) is not needed: `kept` has one row per prompt.
         """
         hm, wm = self.merged_grid
         big = max(hm, wm)
