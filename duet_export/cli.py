@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from duet_export.cli_options import budget_options, config_from_options, config_or_baseline
+from duet_export.config import POSITION_MODES
 from duet_export.errors import DuetError
 
 __all__ = ["cli", "main"]
@@ -73,7 +74,8 @@ def cli() -> None:
 @click.option(
     "--budget", type=float, help="Average visual tokens per layer (default: N/3, the paper's 192 of 576)."
 )
-def demo(workdir: str, budget: float | None) -> None:
+@click.option("--positions", type=click.Choice(POSITION_MODES), help="compact (default) or keep.")
+def demo(workdir: str, budget: float | None, positions: str | None) -> None:
     """Build a tiny LLaVA, compress it and answer a prompt, with and without DUET."""
     from duet_export.demo import run_demo
     from duet_export.outputs import DEMO, work_folder
@@ -81,7 +83,7 @@ def demo(workdir: str, budget: float | None) -> None:
     if budget is not None and budget <= 0:
         raise DuetError("--budget must be a positive number of visual tokens")
     with work_folder(workdir, DEMO) as (folder, _):
-        run_demo(folder, budget=budget, echo=click.echo)
+        run_demo(folder, budget=budget, echo=click.echo, positions=positions)
 
 
 @cli.command("compress")
@@ -200,7 +202,8 @@ def inspect_cmd(model_dir, image, prompt, raw, as_json, overlay, device, **opts)
     if info["queries"]:
         click.echo(f"Stage-2 queries: {' '.join(info['queries'])}")
     click.echo(
-        f"average visual tokens per layer: {info['average_tokens']:.2f} ({100 * info['reduction']:.1f} % fewer)"
+        f"average visual tokens per layer: {info['average_tokens']:.2f} ({100 * info['reduction']:.1f} % fewer); "
+        f"positions {info['positions']}"
     )
     if overlay:
         click.echo(f"overlay written to {overlay}")
@@ -678,6 +681,11 @@ def eval_cmd(
             raise DuetError("a bundle's budget is fixed at export: give no budget options with a bundle")
         settings = ProviderSettings(thread_pool=thread_pool, threads=threads, share_weights=share_weights)
         subject, config = OnnxVLM(target, provider, settings), None
+        if opts.get("positions") not in (None, subject.position_mode):
+            raise DuetError(
+                f"a bundle's positions are fixed at export: this one has {subject.position_mode} "
+                f"(export again with --positions {opts['positions']})"
+            )
     else:
         subject = _load(target)
         config = config_or_baseline(subject.adapter, no_compress, **opts)
@@ -733,6 +741,11 @@ def eval_cmd(
     "migraphx: the same without the fusion). Repeat to time each; the first is the one the ratios use.",
 )
 @click.option("--cuda-graph", is_flag=True, help="CUDA: also time the step replayed as a CUDA graph.")
+@click.option(
+    "--positions",
+    type=click.Choice(POSITION_MODES),
+    help="Positions of the compressed bundles: compact (default) or keep (docs/positions.md).",
+)
 @click.option(
     "--dtype",
     type=click.Choice(["float32", "float16"]),
@@ -812,7 +825,7 @@ def bench_cmd(
         targets=tuple(dict.fromkeys(targets)) or ("cpu",), cuda_graph=flags["cuda_graph"], dtype=dtype,
         weights=weights,
         eager_device=eager_device, eager_omp=tuple(dict.fromkeys(eager_omp)) or BenchSettings.eager_omp,
-        discard_bundles=flags["discard_bundles"], layers=flags["layers"],
+        discard_bundles=flags["discard_bundles"], layers=flags["layers"], positions=flags["positions"],
     )  # fmt: skip
     with work_folder(out, BENCH, inputs=[model_dir]) as (out_dir, _):
         result = run_bench(source, out_dir, settings, echo=click.echo)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from duet_export.config import QUERY_MODES, DuetConfig
+from duet_export.config import POSITION_MODES, QUERY_MODES, DuetConfig
 from duet_export.errors import DuetError
 from duet_export.models.base import Adapter
 from duet_export.stages.budget import resolve_budget
@@ -31,7 +32,8 @@ def parse_list(text: str | None, kind: type) -> tuple:
 
 
 def budget_options(func: Callable) -> Callable:
-    """Add --budget / --dominant / --contextual / --cluster-width / --drop-layers / --keep-ratios / --query / --config."""
+    """Add --budget / --dominant / --contextual / --cluster-width / --drop-layers / --keep-ratios / --query /
+    --positions / --config."""
     options = [
         click.option(
             "--budget", type=float, help="Average visual tokens per decoder layer (resolved for this model)."
@@ -51,6 +53,13 @@ def budget_options(func: Callable) -> Callable:
             help="Stage 2: which text tokens score the visual tokens.",
         ),
         click.option(
+            "--positions",
+            type=click.Choice(POSITION_MODES),
+            help="Where kept visual tokens sit: compact (renumbered after each reduction, the reference's "
+            "LLaVA behaviour; the default) or keep (each at its place in the uncompressed prompt; "
+            "Qwen2.5-VL always keeps). See docs/positions.md.",
+        ),
+        click.option(
             "--config", "config_file", type=click.Path(dir_okay=False), help="A DuetConfig JSON file."
         ),
     ]
@@ -68,9 +77,38 @@ def config_from_options(
     keep_ratios: str | None,
     query: str,
     config_file: str | None,
+    positions: str | None = None,
     default_budget: float | None = None,
 ) -> DuetConfig:
     """One validated DuetConfig from whichever form the user gave; a one-line error when they conflict."""
+    config = _config_from_options(
+        adapter, budget=budget, dominant=dominant, contextual=contextual, cluster_width=cluster_width,
+        drop_layers=drop_layers, keep_ratios=keep_ratios, query=query, config_file=config_file,
+        default_budget=default_budget,
+    )  # fmt: skip
+    if positions is not None:
+        if config.positions not in (None, positions):
+            raise DuetError(
+                f"--positions {positions} disagrees with the config's positions {config.positions!r}"
+            )
+        config = dataclasses.replace(config, positions=positions)
+    adapter.position_mode(config)  # a choice the family cannot honour: say so now
+    return config
+
+
+def _config_from_options(
+    adapter: Adapter,
+    *,
+    budget: float | None,
+    dominant: int | None,
+    contextual: int | None,
+    cluster_width: int,
+    drop_layers: str | None,
+    keep_ratios: str | None,
+    query: str,
+    config_file: str | None,
+    default_budget: float | None,
+) -> DuetConfig:
     knobs = (
         dominant is not None or contextual is not None or drop_layers is not None or keep_ratios is not None
     )
@@ -130,5 +168,8 @@ def config_or_baseline(adapter: Adapter, no_compress: bool, **opts) -> DuetConfi
     if no_compress:
         if opts.get("budget") is not None:
             raise DuetError("--no-compress and --budget exclude each other")
+        # Nothing is removed, so every token is at its own place whatever the choice; still refuse one
+        # the family cannot honour (Qwen2.5-VL and compact).
+        adapter.position_mode(DuetConfig(positions=opts.get("positions")))
         return None
     return config_from_options(adapter, **opts)

@@ -7,6 +7,8 @@ forward. The model's weights are never modified.
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from duet_export.config import DuetConfig
@@ -19,14 +21,23 @@ __all__ = ["compress", "decompress", "duet_config_of", "is_compressed"]
 
 
 def compress(
-    model: nn.Module, config: DuetConfig | None = None, *, budget: float | None = None, query: str = "salient"
+    model: nn.Module,
+    config: DuetConfig | None = None,
+    *,
+    budget: float | None = None,
+    query: str = "salient",
+    positions: str | None = None,
 ) -> nn.Module:
-    """Compress `model` in place with `config`, or with the config resolved from `budget`; returns `model`."""
+    """Compress `model` in place with `config`, or with the config resolved from `budget`; returns `model`.
+
+    `positions` ("compact" | "keep") overrides the config's choice (None: the config's, else the family's)."""
     if (config is None) == (budget is None):
         raise DuetError("give either a DuetConfig or a budget")
     adapter = adapter_for(model)
     if config is None:
         config = resolve_budget(budget, adapter.geometry(), rules=adapter.rules, query=query)
+    if positions is not None:
+        config = dataclasses.replace(config, positions=positions).validate(adapter.geometry())
     decompress(model)
     model.forward = DuetForward(model, adapter, config)
     return model

@@ -3,7 +3,10 @@
 Stage 1 (V2V merge) is described by `dominant` (K_d, counting the CLS token), `contextual` (K_c) and
 `cluster_width` (w). Stage 2 (T2V drop) by `drop_layers` (0-based decoder layer indices, strictly increasing)
 and `keep_ratios` (fractions of the visual tokens that entered the decoder, non-increasing). `query` chooses
-which text tokens score the visual tokens in Stage 2. See ALGORITHM.md for the exact behaviour.
+which text tokens score the visual tokens in Stage 2. `positions` says where the kept tokens sit: `compact`
+renumbers them 0..len-1 after every reduction (the reference's LLaVA behaviour), `keep` leaves every kept token
+at the place it has in the uncompressed prompt (docs/positions.md); None is the family's own default. See
+ALGORITHM.md for the exact behaviour.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from dataclasses import asdict, dataclass, field
 
 from duet_export.errors import DuetError
 
-__all__ = ["QUERY_MODES", "DuetConfig", "Geometry", "keep_count"]
+__all__ = ["POSITION_MODES", "QUERY_MODES", "DuetConfig", "Geometry", "keep_count"]
 
 QUERY_MODES = ("salient", "all", "last")
+POSITION_MODES = ("compact", "keep")
 
 
 def keep_count(ratio: float, visual_tokens: int) -> int:
@@ -60,6 +64,7 @@ _FIELD_TYPES = {
     "drop_layers": ("a list of integers", lambda x: isinstance(x, list) and all(map(_is_int, x))),
     "keep_ratios": ("a list of numbers", lambda x: isinstance(x, list) and all(map(_is_number, x))),
     "query": ("a string", lambda x: isinstance(x, str)),
+    "positions": ('"compact", "keep" or null', lambda x: x is None or x in POSITION_MODES),
 }
 
 
@@ -73,6 +78,7 @@ class DuetConfig:
     drop_layers: tuple[int, ...] = field(default_factory=tuple)
     keep_ratios: tuple[float, ...] = field(default_factory=tuple)
     query: str = "salient"
+    positions: str | None = None  # "compact" | "keep" | None (the model family's default)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "drop_layers", tuple(int(x) for x in self.drop_layers))
@@ -131,6 +137,8 @@ class DuetConfig:
         n, num_layers = geometry.num_patches, geometry.num_layers
         if self.query not in QUERY_MODES:
             raise DuetError(f"query must be one of {', '.join(QUERY_MODES)}, got {self.query!r}")
+        if self.positions is not None and self.positions not in POSITION_MODES:
+            raise DuetError(f"positions must be one of {', '.join(POSITION_MODES)}, got {self.positions!r}")
         if self.cluster_width < 1:
             raise DuetError(f"cluster width must be >= 1, got {self.cluster_width}")
         if self.stage1:
@@ -175,6 +183,8 @@ class DuetConfig:
         d = asdict(self)
         d["drop_layers"] = list(self.drop_layers)
         d["keep_ratios"] = list(self.keep_ratios)
+        if self.positions is None:  # the family's default: written as older configs were
+            del d["positions"]
         return d
 
     @classmethod
@@ -203,7 +213,7 @@ class DuetConfig:
             if self.stage2
             else "T2V off"
         )
-        return f"{s1}; {s2}"
+        return f"{s1}; {s2}" + (f"; positions={self.positions}" if self.positions else "")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

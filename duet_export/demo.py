@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -65,13 +66,13 @@ def _savings(loaded: LoadedModel, config: DuetConfig, text_tokens: int) -> dict[
     }
 
 
-def run_demo(workdir: Path, budget: float | None = None, echo=print) -> dict:
+def run_demo(workdir: Path, budget: float | None = None, echo=print, positions: str | None = None) -> dict:
     """Build/load the tiny model, compress it, answer one prompt with and without compression."""
     model_dir = ensure_tiny_model(workdir, echo)
     loaded = load(model_dir)
     geometry = loaded.adapter.geometry()
     budget = budget if budget is not None else round(geometry.num_patches / 3)
-    config = resolve_budget(budget, geometry, rules=loaded.adapter.rules)
+    config = replace(resolve_budget(budget, geometry, rules=loaded.adapter.rules), positions=positions)
     rep = report(config, geometry)
     image = demo_image()
     settings = GenerationSettings(max_new_tokens=12)

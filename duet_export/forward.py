@@ -131,8 +131,11 @@ class DuetForward:
         self.model = model
         self.adapter = adapter
         self.config = config.validate(adapter.geometry())
+        self.keep = adapter.keeps_positions(config)  # kept tokens keep their places (docs/positions.md)
         self.geometry = adapter.geometry()
         self.group_tokens = config.group_visual_tokens(self.geometry)
+        # Visual tokens each layer group caches per prompt (a video frame without Stage 1 keeps its CLS).
+        self.cached_visual = [adapter.tokens_per_image(config) * self.geometry.frames, *self.group_tokens[1:]]
         self.groups = config.group_bounds(self.geometry.num_layers)
 
     def __repr__(self) -> str:
@@ -233,7 +236,7 @@ class DuetForward:
             labels,
             query,
             positions_from_mask(pad, b, t, input_ids.device),
-            self.adapter.recompact_positions,
+            not self.keep,
         )
         features = stage1 = None
         if int(counts[0]):
@@ -244,9 +247,15 @@ class DuetForward:
                 trace.stage1 = stage1
             seq = self._fit_image_tokens(seq, features, int(counts[0]))
             features = features.reshape(b, -1, features.shape[-1])
-        if not self.adapter.recompact_positions:
-            kept = stage1.kept if stage1 is not None else None
-            seq.positions = self.adapter.positions(seq.ids, seq.pad, seq.visual, kept)
+        if self.keep:
+            kept = self.adapter.stage1_kept(stage1) if stage1 is not None else None
+            per_image = self.adapter.tokens_per_image(self.config)
+            seq.positions = self.adapter.positions(seq.ids, seq.pad, seq.visual, kept, per_image)
+            if self.config.enabled and features is not None and features.shape[1] != self.cached_visual[0]:
+                raise DuetError(
+                    "positions=keep takes one image (or clip) per prompt: a decode step could not tell how "
+                    "many uncompressed image tokens came before it"
+                )
         seq.hidden = self.adapter.embed(seq.ids)
         return self.prefill(seq, features, cache, trace, static=False)
 
@@ -380,7 +389,7 @@ class DuetForward:
         steps = torch.arange(q, device=device)
         for g, (start, end) in enumerate(self.groups):
             cached = cache.get_seq_length(start)
-            offset = self.adapter.decode_position_offset(self.group_tokens[g])
+            offset = self.adapter.decode_position_offset(self.cached_visual[g], self.keep)
             if attention_mask is None:
                 positions = (cached + offset + steps).unsqueeze(0).expand(b, -1)
                 mask = None

@@ -126,6 +126,7 @@ def inspect_prompt(
         "stage2": stage2,
         "queries": tok.convert_ids_to_tokens(ids[0][chosen[0]].tolist()) if config.stage2 else [],
         "visual_tokens": trace.visual_tokens,
+        "positions": loaded.adapter.position_mode(config),
         "average_tokens": round(budget.average_tokens, 4),
         "reduction": round(budget.reduction, 6),
         "budget": budget.to_dict(),

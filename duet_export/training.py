@@ -92,7 +92,7 @@ class VQACollator:
     def __init__(self, loaded: LoadedModel, config: DuetConfig | None, position_squeeze: float = 0.0) -> None:
         if not 0.0 <= position_squeeze < 1.0:
             raise DuetError(f"--position-squeeze must be in [0, 1), got {position_squeeze}")
-        if position_squeeze and (config is not None or not loaded.adapter.recompact_positions):
+        if position_squeeze and (config is not None or "compact" not in loaded.adapter.position_modes):
             raise DuetError(
                 "--position-squeeze applies to uncompressed training of a family whose compression "
                 f"renumbers positions (LLaVA, Video-LLaVA), not to {loaded.adapter.family}"

@@ -22,6 +22,7 @@ from PIL import Image
 
 from duet_export.answers import Answer, GenerationSettings, decode_answer
 from duet_export.errors import DuetError
+from duet_export.export.manifest import position_mode
 from duet_export.images import open_image, to_rgb
 from duet_export.prompts import EncodedPrompts, encode_prompts
 from duet_export.runtimes.binding import BoundSession
@@ -130,6 +131,8 @@ class OnnxVLM:
         self.layer_group = [int(g) for g in m["layer_group_of"]]
         self.layer_groups = [tuple(g) for g in m["layer_groups"]]
         self.drop_layers = [int(x) for x in m["drop_layers"]]
+        # "compact" or "keep": fixed at export, computed in the graphs (absent in older bundles: compact)
+        self.position_mode = position_mode(m)
         self.max_new_tokens = int(m["options"]["max_new_tokens"])
         width = {o.name: o.shape for o in self.bundle.sessions["step"].get_outputs()}["logits"][-1]
         self.vocab_size = width if isinstance(width, int) else None

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from duet_export.cli import cli
+from duet_export.tiny import TinyQwenSpec, build_tiny_qwen2_5_vl
 
 from conftest import random_image
 
@@ -65,6 +66,7 @@ class World:
 
     model: Path
     bundle: Path  # a compressed CPU bundle
+    qwen: Path  # a tiny Qwen2.5-VL (M-RoPE positions, always kept)
     image: Path
     shared: Path
     tmp: Path
@@ -125,6 +127,7 @@ def shared(tiny_dir, bundles, tmp_path_factory):
     Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(root / "img16.png")
     png_header_only(root / "bomb.png", 30000, 30000)
     shutil.copytree(bundles / "cpu", root / "bundle")
+    build_tiny_qwen2_5_vl(root / "qwen", TinyQwenSpec())
     return root
 
 
@@ -133,7 +136,7 @@ def world(tiny_dir, shared, tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    return World(tiny_dir, shared / "bundle", shared / "img.png", shared, work)
+    return World(tiny_dir, shared / "bundle", shared / "qwen", shared / "img.png", shared, work)
 
 
 def _earlier_bundle(w: World, extra: bool = False) -> Path:
@@ -196,6 +199,10 @@ def _flip_byte(folder: Path, manifest: dict) -> None:
 
 def _claim_float16(folder: Path, manifest: dict) -> None:
     manifest["dtype"] = "float16"  # the graphs are float32
+
+
+def _position_mode(value: str) -> Callable[[Path, dict], None]:
+    return lambda folder, manifest: manifest.update(position_mode=value)
 
 
 def _drop(key: str) -> Callable[[Path, dict], None]:
@@ -328,6 +335,22 @@ CASES: list[tuple[str, Callable[[World], list], str]] = [
      "float8"),
     ("manifest-dtype-disagrees", lambda w: ["run", w.bundle_copy(_claim_float16, relist=True), "--image",
      w.image, "--prompt", "hi"], "disagree"),
+    # --- positions: compact | keep, where the family and the bundle allow it
+    ("positions-compact-on-qwen", lambda w: ["compress", w.qwen, "--budget", 20, "--positions", "compact"],
+     "always keeps its M-RoPE"),
+    ("positions-compact-on-qwen-export", lambda w: ["export", w.qwen, w.tmp / "b", "--budget", 20, "--positions",
+     "compact"], "always keeps its M-RoPE"),
+    ("positions-compact-on-qwen-config", lambda w: ["inspect", w.qwen, "--image", w.image, "--prompt", "hi",
+     "--config", _config(w, {"dominant": 20, "positions": "compact"})], "always keeps its M-RoPE"),
+    ("positions-unknown", lambda w: ["compress", w.model, "--budget", 20, "--positions", "sideways"], "sideways"),
+    ("positions-unknown-in-config", lambda w: ["compress", w.model, "--config", _config(w, {"dominant": 10,
+     "positions": "sideways"})], "'positions' must be"),
+    ("positions-disagree-with-config", lambda w: ["compress", w.model, "--config", _config(w, {"dominant": 10,
+     "positions": "keep"}), "--positions", "compact"], "disagrees"),
+    ("positions-on-a-bundle", lambda w: ["eval", w.bundle, w.questions([Q]), "--positions", "keep"],
+     "fixed at export"),
+    ("bundle-unknown-position-mode", lambda w: ["run", w.bundle_copy(_position_mode("sideways"), relist=True),
+     "--image", w.image, "--prompt", "hi"], "'position_mode' must be"),
     ("model-no-tokenizer", lambda w: ["compress", w.model_copy(lambda f: (f / "tokenizer.json").unlink()),
      "--budget", 20], "no tokenizer files"),
 ]

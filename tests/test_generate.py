@@ -76,9 +76,17 @@ def test_sampling_is_seeded_and_cache_consistent(tiny, images, prompts):
     assert torch.equal(top1, greedy) and not torch.equal(greedy, runs[0])
 
 
-def test_processor_prompts_are_shrunk_to_stage1_output(tiny, images, prompts):
+@pytest.mark.parametrize("positions", [None, "keep"])
+def test_processor_prompts_are_shrunk_to_stage1_output(tiny, images, prompts, positions):
     """Prompts straight from the checkpoint's processor (N placeholders) give the same answer as ours (V)."""
-    config = DuetConfig(dominant=20, contextual=6, drop_layers=(4, 6), keep_ratios=(0.5, 0.25), query="all")
+    config = DuetConfig(
+        dominant=20,
+        contextual=6,
+        drop_layers=(4, 6),
+        keep_ratios=(0.5, 0.25),
+        query="all",
+        positions=positions,
+    )
     compress(tiny.model, config)
     ours = prepare_inputs(tiny.processor, tiny.adapter, images, prompts, config)
     raw = prepare_inputs(tiny.processor, tiny.adapter, images, prompts, None)

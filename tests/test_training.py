@@ -617,3 +617,14 @@ def test_accuracy_table_quick(tmp_path, video):
         assert again.returncode == 0 and "reusing the full model" in again.stdout, again.stderr[-3000:]
     assert result["family"] == ("video-llava" if video else "llava")
     assert "DUET trained" in (tmp_path / "table.md").read_text()
+    if video:  # the same run's settings again with positions=keep (benchmarks/positions_table.py)
+        keep = tmp_path.parent / f"{tmp_path.name}-keep"
+        tool = [sys.executable, str(script.parent / "positions_table.py"), "--from", str(tmp_path), "--out"]
+        proc = subprocess.run([*tool, str(keep)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = json.loads((keep / "results.json").read_text())["rows"]
+        assert [r["positions"] for r in rows] == ["compact"] * 9 + ["keep"] * 8
+        assert all(r["config"]["positions"] == "keep" for r in rows[9:])
+        assert (keep / "accuracy.png").is_file() and len(list((keep / "answers").glob("*.jsonl"))) == 8
+        inside = subprocess.run([*tool, str(tmp_path / "keep")], capture_output=True, text=True)
+        assert inside.returncode == 2 and "outside --from" in inside.stderr

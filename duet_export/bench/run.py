@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +105,7 @@ class BenchSettings:
     sweep: bool = True
     sweep_prompts: tuple[int, ...] = (32, 256)
     sweep_sizes: tuple[int, ...] = (224, 336, 448)
+    positions: str | None = None  # the compressed bundles' `positions` (None: the family's default)
     # Export, time and delete one configuration's bundle at a time (bundles of a large model on a small disk).
     discard_bundles: bool = False
     layers: int | None = None  # a named shape's decoder depth, if not its own
@@ -449,7 +450,8 @@ def run_bench(
 
     cases = [Case("full", None, folders("full"))]
     for b in budgets:
-        config = resolve_budget(b, geometry, rules=adapter.rules)
+        config = replace(resolve_budget(b, geometry, rules=adapter.rules), positions=settings.positions)
+        adapter.position_mode(config)  # a choice the family cannot honour: one line, before any export
         cases.append(Case(f"budget {b:g}", config, folders(f"budget-{b:g}")))
     image_file = save_input(visual, out / ("bench-clip" if isinstance(visual, list) else "bench-image.png"))
     inputs = {c.name: {"image": str(image_file), "prompt": prompt} for c in cases}
@@ -625,6 +627,7 @@ def _sweep_bundles(
         )
         geometry = loaded.adapter.geometry()
         config = resolve_budget(geometry.num_patches * fraction, geometry, rules=loaded.adapter.rules)
+        config = replace(config, positions=settings.positions)
         image, prompt = bench_image(size), prompt_of(prompt_tokens)
         image_file = save_input(image, out / f"bench-image-{size}px.png")
         options = ExportOptions(

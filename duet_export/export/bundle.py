@@ -145,7 +145,8 @@ def export_bundle(
     pixel = adapter.export_pixels(b * geometry.frames, torch.float32 if dtype == torch.bfloat16 else dtype)
     ids = torch.full((b, length), int(loaded.tokenizer.pad_token_id or 0), dtype=torch.long)
     ids[:, 1 : 1 + visual] = adapter.image_token_id
-    stage1_extra = list(adapter.stage1_outputs[2:]) if config.stage1 else []  # beyond dominant, anchors
+    stage1_names = list(adapter.stage1_output_names(config)) if config.stage1 else []
+    stage1_extra = stage1_names[2:]  # beyond dominant, anchors: stage1_kept where positions are kept
     prefill_args = (
         ids,
         torch.ones_like(ids),
@@ -173,7 +174,7 @@ def export_bundle(
             VisionGraph(forward),
             (pixel,),
             ["pixel_values"],
-            ["image_features", *(list(adapter.stage1_outputs) if config.stage1 else [])],
+            ["image_features", *stage1_names],
         ),
         "prefill": (
             PrefillGraph(forward),
@@ -225,8 +226,12 @@ def export_bundle(
         "cache_capacity": capacity,
         "drop_layers": drop_layers,
         "kv": {"num_kv_heads": kv_heads, "head_dim": head_dim},
-        "positions": adapter.positions_rule or POSITIONS_RULE,
-        "decode_position_offsets": [adapter.decode_position_offset(v) for v in budget.group_tokens],
+        "position_mode": "keep" if forward.keep else "compact",  # absent in older bundles: compact
+        "positions": adapter.positions_rule
+        or (adapter.keep_positions_rule if forward.keep else POSITIONS_RULE),
+        "decode_position_offsets": [
+            adapter.decode_position_offset(v, forward.keep) for v in forward.cached_visual
+        ],
         "tokens": {
             "eos_token_id": loaded.tokenizer.eos_token_id,
             "pad_token_id": loaded.tokenizer.pad_token_id,

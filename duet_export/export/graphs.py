@@ -62,14 +62,16 @@ class PrefillGraph(nn.Module):
         self.fwd = forward
 
     def forward(self, input_ids, attention_mask, image_features, query_mask, *stage1):
-        """`stage1`: the vision graph's `stage1_kept`, for families whose positions need it."""
-        adapter = self.fwd.adapter
+        """`stage1`: the vision graph's `stage1_kept` where positions are kept: the place each visual token
+        has in the uncompressed prompt is gathered with it, in the graph."""
+        adapter, keep = self.fwd.adapter, self.fwd.keep
         b, t = input_ids.shape
         pad = attention_mask.bool()
         visual = input_ids == adapter.image_token_id
         positions = positions_from_mask(pad, b, t, input_ids.device)
-        if not adapter.recompact_positions:
-            positions = adapter.positions(input_ids, pad, visual, stage1[0] if stage1 else None)
+        if keep:
+            per_image = adapter.tokens_per_image(self.fwd.config)
+            positions = adapter.positions(input_ids, pad, visual, stage1[0] if stage1 else None, per_image)
         seq = _Sequence(
             ids=input_ids,
             hidden=adapter.embed(input_ids),
@@ -78,7 +80,7 @@ class PrefillGraph(nn.Module):
             labels=None,
             query=query_mask.to(torch.int8),
             positions=positions,
-            recompact=adapter.recompact_positions,
+            recompact=not keep,
         )
         cache, trace = _RecordingCache(), DuetTrace()
         hidden, _ = self.fwd.prefill(seq, image_features, cache, trace, static=True)
@@ -102,7 +104,7 @@ class StepGraph(nn.Module):
         for g, ((start, end), mask) in enumerate(zip(groups, masks, strict=True)):
             mask = mask.bool()
             positions = mask.long().sum(dim=1, keepdim=True)
-            offset = adapter.decode_position_offset(self.fwd.group_tokens[g])
+            offset = adapter.decode_position_offset(self.fwd.cached_visual[g], self.fwd.keep)
             if offset:
                 positions = positions + offset
             full = torch.cat([mask, torch.ones((b, 1), dtype=torch.bool, device=mask.device)], dim=1)

@@ -25,6 +25,7 @@ __all__ = [
     "bundle_file",
     "file_digest",
     "list_bundle_files",
+    "position_mode",
     "read_manifest",
     "tool_versions",
 ]
@@ -116,8 +117,20 @@ def _check_keys(where: str, table: dict, required: dict) -> None:
             raise DuetError(f"{where}: {key!r} must be a {_type_name(kind)}, not {type(value).__name__}")
 
 
+def position_mode(manifest: dict[str, Any]) -> str:
+    """The bundle's `positions` choice: "compact" or "keep"; bundles written before the choice existed hold
+    no `position_mode` and re-compact positions (Qwen2.5-VL ones kept them: their `positions` rule says so)."""
+    mode = manifest.get("position_mode")
+    if mode is None:
+        return "keep" if manifest.get("family") == "qwen2.5-vl" else "compact"
+    return mode
+
+
 def _check_schema(path: Path, manifest: dict) -> None:
     _check_keys(str(path), manifest, _REQUIRED)
+    mode = manifest.get("position_mode", "compact")
+    if mode not in ("compact", "keep"):
+        raise DuetError(f'{path}: \'position_mode\' must be "compact" or "keep", not {json.dumps(mode)[:40]}')
     _check_keys(f"{path} image", manifest["image"], _REQUIRED_IMAGE)
     if not isinstance(manifest["options"].get("max_new_tokens"), int):
         raise DuetError(f"{path}: options.max_new_tokens must be an integer")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from duet_export.config import DuetConfig, Geometry
+from duet_export.errors import DuetError
 from duet_export.stages.budget import LLAVA_RULES, ReferenceRules
 from duet_export.stages.v2v import V2VResult
 
@@ -49,15 +50,24 @@ class Adapter(ABC):
     model_classes: ClassVar[tuple[str, ...]]
     rules: ClassVar[ReferenceRules] = LLAVA_RULES
     media: ClassVar[str] = "image"  # "video": one visual input is a clip of `frames` images
-    # False: a token keeps its position when Stage 2 drops others (M-RoPE families, as their reference);
-    # True: positions are re-compacted to 0..len-1 after each drop (ALGORITHM.md, LLaVA).
-    recompact_positions: ClassVar[bool] = True
+    # The `positions` choices this family takes, its default first: "compact" re-numbers the kept tokens
+    # 0..len-1 after Stage 1 and after each drop (ALGORITHM.md, LLaVA's reference); "keep" leaves each at its
+    # place in the uncompressed prompt (M-RoPE families always do, as their reference).
+    position_modes: ClassVar[tuple[str, ...]] = ("compact", "keep")
     # Keyword inputs of the stock forward that describe the pixels (handed to `visual_features`).
     visual_input_names: ClassVar[tuple[str, ...]] = ()
-    # What the vision graph outputs besides the features (`stage1_node`), in order.
+    # What the vision graph outputs besides the features (`stage1_node`), in order; `stage1_kept` is added
+    # where positions are kept (see `stage1_output_names`).
     stage1_outputs: ClassVar[tuple[str, ...]] = ("stage1_dominant", "stage1_anchors")
     # The manifest's description of positions (None: the default, re-compacted positions).
     positions_rule: ClassVar[str | None] = None
+    keep_positions_rule: ClassVar[str] = (
+        "every token keeps its position in the uncompressed prompt (real tokens before it, each image or frame "
+        "counted at its full placeholder length; a Stage-1 token at its image's first position + stage1_kept, "
+        "the place of its patch, a contextual token at its anchor's, CLS at the first); no re-compaction after "
+        "Stage-2 drops; on a decode step the new token's position is (real tokens in its layer group's cache) "
+        "+ decode_position_offsets[group]"
+    )
     preprocessing: ClassVar[str] = (
         "the checkpoint's image processor: convert to RGB, resize the shortest edge, center-crop"
     )
@@ -144,13 +154,21 @@ class Adapter(ABC):
         return self.project(merged.tokens), merged
 
     def stage1_node(self, out: VisionLayerOutput, config: DuetConfig) -> tuple[torch.Tensor, ...]:
-        """Stage 1 as one `duet.V2VMerge` node for export: (features, *`stage1_outputs`)."""
+        """Stage 1 as one `duet.V2VMerge` node for export: (features, *`stage1_output_names(config)`)."""
         from duet_export.stages.ops import v2v_merge_node
 
         tokens, dominant, anchors = v2v_merge_node(
             out.hidden, out.cls_attention, out.keys, config.dominant, config.contextual, config.cluster_width
         )
+        if self.keeps_positions(config):
+            return self.project(tokens), dominant, anchors, self.kept_places(dominant, anchors)
         return self.project(tokens), dominant, anchors
+
+    def stage1_output_names(self, config: DuetConfig) -> tuple[str, ...]:
+        """The vision graph's outputs after the features when Stage 1 is on: what `stage1_node` returns."""
+        if self.keeps_positions(config) and "stage1_kept" not in self.stage1_outputs:
+            return (*self.stage1_outputs, "stage1_kept")
+        return self.stage1_outputs
 
     def export_pixels(self, images: int, dtype: torch.dtype) -> torch.Tensor:
         """Example pixels for `images` images, in the layout `pixel_values` has (the export's input shape)."""
@@ -158,20 +176,66 @@ class Adapter(ABC):
         return torch.zeros((images, 3, size, size), dtype=dtype)
 
     # ------------------------------------------------------------------ positions
+    def position_mode(self, config: DuetConfig | None) -> str:
+        """ "compact" or "keep" for `config` on this family (its default when the config names none); a
+        choice the family cannot honour is a one-line error, never silently ignored."""
+        chosen = config.positions if config is not None else None
+        if chosen is None:
+            return self.position_modes[0]
+        if chosen not in self.position_modes:
+            raise DuetError(self._positions_refusal(chosen))
+        return chosen
+
+    def _positions_refusal(self, chosen: str) -> str:
+        return f"{self.family} takes positions {' or '.join(self.position_modes)}, not {chosen!r}"
+
+    def keeps_positions(self, config: DuetConfig | None) -> bool:
+        return self.position_mode(config) == "keep"
+
+    def kept_places(self, dominant: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """[n, K_d + K_c] place of each Stage-1 token (CLS, dominant..., contextual...) within its image's
+        uncompressed placeholder run: a patch's own place, a contextual token its anchor's, CLS the first
+        (its own where the stock model feeds CLS, as Video-LLaVA's frames do; else patch 0's)."""
+        shift = self.uncompressed_tokens_per_image - self.num_patches  # 1 where CLS leads the run
+        cls = torch.zeros_like(dominant[:, :1])
+        return torch.cat([cls, dominant + shift, anchors + shift], dim=1)
+
+    def stage1_kept(self, stage1: V2VResult) -> torch.Tensor:
+        """What `positions` takes as `kept` for one Stage-1 result (PyTorch), as the vision graph outputs it."""
+        return self.kept_places(stage1.dominant, stage1.anchors)
+
     def positions(
-        self, ids: torch.Tensor, pad: torch.Tensor, visual: torch.Tensor, kept: torch.Tensor | None
+        self,
+        ids: torch.Tensor,
+        pad: torch.Tensor,
+        visual: torch.Tensor,
+        kept: torch.Tensor | None,
+        per_image: int,
     ) -> torch.Tensor:
-        """Prefill positions for `ids` (image placeholders already fitted to Stage 1's output): [B, T]
-        counted over real tokens, as `generate()` does; M-RoPE families return [3, B, T]. `kept`
-        ([n_images, V], `V2VResult.kept`) names the patch behind each placeholder, where it matters."""
-        from duet_export.forward import positions_from_mask
+        """Kept prefill positions for `ids` (image placeholders already fitted to Stage 1's output), [B, T]:
+        the places the tokens have in the uncompressed prompt, counted over real tokens as `generate()`
+        does. Every image (or frame) before a token counts `uncompressed_tokens_per_image`; a visual token
+        adds its place in its image's run, from `kept` ([n_images, per_image] or [B, images x per_image],
+        `stage1_kept`) or its rank where Stage 1 is off. M-RoPE families return [3, B, T]."""
+        span = self.uncompressed_tokens_per_image
+        vis = (visual & pad).long()
+        text = (~visual & pad).long()
+        seen = vis.cumsum(dim=1)  # visual tokens up to and including this one
+        rank = (seen - 1).clamp(min=0)
+        images_before = torch.div(seen - vis, per_image, rounding_mode="floor")
+        if kept is None:
+            place = rank % per_image
+        else:
+            flat = kept.to(ids.device).reshape(ids.shape[0], -1)
+            place = torch.gather(flat, 1, rank.clamp(max=flat.shape[1] - 1))
+        pos = text.cumsum(dim=1) - text + images_before * span + torch.where(vis.bool(), place, 0)
+        return pos.masked_fill(~pad, 0)
 
-        return positions_from_mask(pad, ids.shape[0], ids.shape[1], ids.device)
-
-    def decode_position_offset(self, visual_tokens: int) -> int:
+    def decode_position_offset(self, visual_tokens: int, keep: bool = False) -> int:
         """Added to a generated token's position (real tokens cached in its layer group) when that group
-        caches `visual_tokens` visual tokens per prompt; 0 where positions are re-compacted."""
-        return 0
+        caches `visual_tokens` visual tokens per prompt: 0 where positions are re-compacted; with kept
+        positions the uncompressed visual block's length less what the group still holds."""
+        return self.uncompressed_tokens_per_image * self.frames - visual_tokens if keep else 0
 
     # ------------------------------------------------------------------ decoder side
     # The Hugging Face VLM layout every family so far shares (`model.model.language_model`, a Llama/Qwen2-style

@@ -70,7 +70,7 @@ class Qwen2_5_VLAdapter(Adapter):
     family = "qwen2.5-vl"
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
     rules = QWEN2_5_VL_RULES
-    recompact_positions: ClassVar[bool] = False
+    position_modes: ClassVar[tuple[str, ...]] = ("keep",)  # M-RoPE positions are always kept
     visual_input_names: ClassVar[tuple[str, ...]] = ("image_grid_thw",)
     stage1_outputs: ClassVar[tuple[str, ...]] = ("stage1_dominant", "stage1_anchors", "stage1_kept")
     preprocessing = (
@@ -346,14 +346,29 @@ class Qwen2_5_VLAdapter(Adapter):
         return torch.zeros((images * self.patches_per_image, self.patch_dim), dtype=dtype)
 
     # ------------------------------------------------------------------ positions
+    def _positions_refusal(self, chosen: str) -> str:
+        return (
+            f"{self.family} always keeps its M-RoPE (t, h, w) positions, as its reference does: "
+            f"--positions {chosen} does not apply (leave it out, or give keep)"
+        )
+
+    def stage1_kept(self, stage1: V2VResult) -> torch.Tensor:
+        return stage1.kept
+
     def positions(
-        self, ids: torch.Tensor, pad: torch.Tensor, visual: torch.Tensor, kept: torch.Tensor | None
+        self,
+        ids: torch.Tensor,
+        pad: torch.Tensor,
+        visual: torch.Tensor,
+        kept: torch.Tensor | None,
+        per_image: int | None = None,
     ) -> torch.Tensor:
         """[3, B, T] M-RoPE positions of the uncompressed prompt, for the tokens this prompt still holds.
 
         The same numbers as `get_rope_index` (left padding included) without its Python loops: a text
         token sits at (#real text tokens before it) + (images before it) * max(h', w'), image token (r, c)
-        of a merged h' x w' grid at base + (0, r, c). `kept` maps each placeholder to its token.
+        of a merged h' x w' grid at base + (0, r, c). `kept` maps each placeholder to its token. One image
+        per prompt, so `per_image` (LLaVA's frame length) is not needed: `kept` has one row per prompt.
         """
         hm, wm = self.merged_grid
         big = max(hm, wm)
@@ -382,7 +397,7 @@ class Qwen2_5_VLAdapter(Adapter):
         cols = torch.where(vis, base + cell % wm, base)
         return torch.stack([base, rows, cols]).masked_fill(~pad.unsqueeze(0), 0)
 
-    def decode_position_offset(self, visual_tokens: int) -> int:
+    def decode_position_offset(self, visual_tokens: int, keep: bool = True) -> int:
         """A generated token sits at (real tokens cached) + this: the uncompressed prompt's image spans
         max(h', w') positions, whatever number of its tokens a layer group still caches."""
         return max(self.merged_grid) - visual_tokens
