@@ -316,6 +316,22 @@ def _provider_options(func):
     return func
 
 
+def _provider_settings(provider: dict):
+    """`ProviderSettings` from the options `_provider_options` adds (run, serve)."""
+    from duet_export.runtimes import ProviderSettings
+
+    return ProviderSettings(
+        provider["device_id"],
+        provider["fp16"],
+        provider["cache_dir"],
+        provider["cuda_graph"],
+        provider["tf32"],
+        thread_pool=provider["thread_pool"],
+        threads=provider["threads"],
+        share_weights=provider["share_weights"],
+    )
+
+
 # `duet_export.runtimes.threads.THREAD_POOLS`, default first (spelled out: importing the runtime here would
 # load onnxruntime at every command's start).
 THREAD_POOLS = ("no-spin", "global", "per-session")
@@ -385,18 +401,9 @@ def run_cmd(
 ) -> None:
     """Answer a prompt about an image with an exported bundle on onnxruntime; the answer is the last line."""
     from duet_export.generate import GenerationSettings
-    from duet_export.runtimes import OnnxVLM, ProviderSettings
+    from duet_export.runtimes import OnnxVLM
 
-    settings = ProviderSettings(
-        provider["device_id"],
-        provider["fp16"],
-        provider["cache_dir"],
-        provider["cuda_graph"],
-        provider["tf32"],
-        thread_pool=provider["thread_pool"],
-        threads=provider["threads"],
-        share_weights=provider["share_weights"],
-    )
+    settings = _provider_settings(provider)
     # checked before the bundle is opened; the bundle's own maximum is the default
     given = 1 if max_new_tokens is None else max_new_tokens
     gen = GenerationSettings(given, sample, temperature, top_k, top_p, seed).validate()
@@ -440,7 +447,6 @@ def serve_cmd(bundle, host, port, max_wait_ms, allow_files, model_name, max_imag
         from duet_export.serve import ServeOptions, serve
     except ImportError as e:
         raise DuetError(f"serve needs the serve extra: pip install 'duet-export[serve]' ({e})") from None
-    from duet_export.runtimes import ProviderSettings
 
     if max_image_mb <= 0:
         raise DuetError(f"--max-image-mb must be positive, got {max_image_mb}")
@@ -454,15 +460,7 @@ def serve_cmd(bundle, host, port, max_wait_ms, allow_files, model_name, max_imag
         max_image_bytes=int(max_image_mb * 2**20),
         access_log=access_log,
     )
-    settings = ProviderSettings(
-        provider["device_id"],
-        provider["fp16"],
-        provider["cache_dir"],
-        provider["cuda_graph"],
-        provider["tf32"],
-        thread_pool=provider["thread_pool"],
-        threads=provider["threads"],
-    )
+    settings = _provider_settings(provider)
     serve(bundle, options, settings, echo=lambda line: click.echo(line, err=True))
 
 
