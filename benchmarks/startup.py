@@ -49,7 +49,7 @@ def main() -> None:
     memory = resident_gib()
     resident = memory.get("Pss_Anon", 0) + memory.get("Pss_File", 0)
     print(json.dumps({
-        "share_weights": args.share_weights, "open_s": round(opened, 1), "first_answer_s": round(answered, 1),
+        "share_weights": vlm.bundle.settings.share_weights, "open_s": round(opened, 1), "first_answer_s": round(answered, 1),
         "weights_gib": round(weights, 2), **memory, "resident_over_weights": round(resident / weights, 2),
     }))  # fmt: skip
 
