@@ -14,6 +14,10 @@ from duet_export.cli_options import budget_options, config_from_options, config_
 from duet_export.config import POSITION_MODES
 from duet_export.errors import DuetError
 
+# `duet_export.export.precision.WEIGHTS` (export's and bench's --weights), spelled out: importing it here
+# would load torch and onnxruntime at every command's start.
+WEIGHTS = ("float", "int8", "int4")
+
 __all__ = ["cli", "main"]
 
 
@@ -237,7 +241,7 @@ def _visual_tokens(image: dict) -> str:
 )
 @click.option(
     "--weights",
-    type=click.Choice(["float", "int8", "int4"]),
+    type=click.Choice(WEIGHTS),
     default="float",
     show_default=True,
     help="Weight-only quantization of the decoder's and projector's linear layers (onnxruntime's).",
@@ -753,7 +757,7 @@ def eval_cmd(
 )
 @click.option(
     "--weights",
-    type=click.Choice(["float", "int8", "int4"]),
+    type=click.Choice(WEIGHTS),
     default="float",
     show_default=True,
     help="The bundles' linear weights (int8/int4: MatMulNBits; eager keeps --dtype's).",

@@ -18,7 +18,7 @@ from duet_export.runtimes.providers import ProviderSettings, select_providers
 from duet_export.runtimes.threads import GLOBAL_POOL_REFUSAL, on_global_pool
 from duet_export.runtimes.threads import session_options as pool_options
 
-__all__ = ["Bundle", "bundle_session_options", "open_session", "run_named"]
+__all__ = ["Bundle", "available_memory", "bundle_session_options", "open_session", "run_named"]
 
 GRAPHS = ("vision", "prefill", "step")
 
@@ -120,8 +120,8 @@ class Bundle:
 PACKED_RESIDENT_FACTOR = 1.8
 
 
-def _available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else None (no automatic choice then)."""
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (Linux), else None."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -138,7 +138,7 @@ def _share_if_short_of_memory(
     """Share the weights (no packed copy per session) when packed copies would not fit in the memory
     available: slower matrix products beat running out of memory. A note says so."""
     weights = sum(e["bytes"] for e in manifest["files"] if e["name"].endswith(".data"))
-    available = _available_bytes()
+    available = available_memory()
     if available is None or weights * PACKED_RESIDENT_FACTOR <= available:
         return settings
     on_note(

@@ -99,3 +99,10 @@ def test_a_bfloat16_bundle_is_valid_and_refused_on_the_cpu(tiny_dir, tmp_path):
     assert vision.graph.inputs[0].dtype == ir.DataType.FLOAT  # numpy has no bfloat16: pixels in float32
     with pytest.raises(DuetError, match="bfloat16 bundle, which needs a GPU provider"):
         OnnxVLM(bundle, "cpu")
+
+
+def test_cli_offers_the_weights_precision_knows():
+    from duet_export import cli
+    from duet_export.export.precision import WEIGHTS
+
+    assert cli.WEIGHTS == WEIGHTS

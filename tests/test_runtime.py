@@ -114,12 +114,12 @@ def test_weights_are_shared_when_packed_copies_would_not_fit(bundles, monkeypatc
     from duet_export.runtimes import session as session_module
 
     prepack = "session.disable_prepacking"
-    monkeypatch.setattr(session_module, "_available_bytes", lambda: 1024)
+    monkeypatch.setattr(session_module, "available_memory", lambda: 1024)
     notes: list[str] = []
     tight = OnnxVLM(bundles / "cpu", provider="cpu", on_note=notes.append)
     assert tight.bundle.settings.share_weights and any("share the mapped weights" in n for n in notes)
     for session in tight.bundle.sessions.values():
         assert session.get_session_options().get_session_config_entry(prepack) == "1"
-    monkeypatch.setattr(session_module, "_available_bytes", lambda: 1 << 50)
+    monkeypatch.setattr(session_module, "available_memory", lambda: 1 << 50)
     roomy = OnnxVLM(bundles / "cpu", provider="cpu")
     assert not roomy.bundle.settings.share_weights
