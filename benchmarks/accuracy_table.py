@@ -100,6 +100,22 @@ def stage2_only(geometry, budget: float) -> DuetConfig:
     return DuetConfig(drop_layers=(1,), keep_ratios=(round(ratio, 4),))
 
 
+def data_spec(args: argparse.Namespace, layout: dict) -> GridSpec:
+    """The table's GridDigits-VQA: `layout` with the recipe's data choices (RECIPE, set on `args`), which
+    differ from `GridSpec`'s defaults (jitter, above)."""
+    return GridSpec(
+        **layout,
+        jitter=args.jitter,
+        conversations=args.conversations,
+        augment=args.augment_digits,
+        train_counts=args.train_counts,
+        locate=args.locate,
+        train_images=args.train_images,
+        test_images=args.test_images,
+        seed=args.seed,
+    )
+
+
 def count_training(
     out: Path, data: Path, full_dir: Path, settings: TrainSettings, steps: int
 ) -> tuple[list, Path]:
@@ -231,13 +247,7 @@ def main() -> None:
     parts = parse_parts(args.train_parts)
     data = out / "data"
     if not (data / "spec.json").is_file():
-        spec = GridSpec(
-            **layout,
-            train_images=args.train_images,
-            test_images=args.test_images,
-            seed=args.seed,
-        )
-        build_griddigits(data, spec)
+        build_griddigits(data, data_spec(args, layout))
     examples = read_llava_json(data / "train.json")
     questions = read_questions(data / "test.jsonl")
     turns = sum(len(e.turns) for e in examples)
