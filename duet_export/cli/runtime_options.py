@@ -21,7 +21,7 @@ THREAD_POOLS = ("no-spin", "global", "per-session")
 
 
 def generation_options(func):
-    for option in reversed(
+    return apply_options(
         [
             click.option(
                 "--max-new-tokens", type=int, help="1 to the bundle's --max-new-tokens (the default)."
@@ -32,13 +32,11 @@ def generation_options(func):
             click.option("--top-p", type=float, default=1.0, show_default=True),
             click.option("--seed", type=int, default=0, show_default=True),
         ]
-    ):
-        func = option(func)
-    return func
+    )(func)
 
 
 def provider_options(func):
-    for option in reversed(
+    return apply_options(
         [
             click.option(
                 "--provider",
@@ -60,9 +58,7 @@ def provider_options(func):
             ),
             *thread_options(),
         ]
-    ):
-        func = option(func)
-    return func
+    )(func)
 
 
 def provider_settings(provider: dict):
