@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from duet_export.bench.run import bench_image, prompt_of
+from duet_export.bench.artifacts import bench_image, prompt_of
 from duet_export.passes.fuse_attention import FuseAttentionPass
 from duet_export.runtimes import OnnxVLM
 from duet_export.runtimes.threads import session_options

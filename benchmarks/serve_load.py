@@ -44,7 +44,7 @@ def export_bundles(workdir: Path, budget: float, max_tokens: int) -> dict[int, P
     out = {b: workdir / f"mini-budget{budget:g}-new{max_tokens}-batch{b}" for b in BATCHES}
     if all((p / "manifest.json").is_file() for p in out.values()):
         return out
-    from duet_export.bench.run import ensure_model
+    from duet_export.bench.artifacts import ensure_model
     from duet_export.export.bundle import ExportOptions, export_bundle
     from duet_export.loading import load
     from duet_export.stages.budget import resolve_budget

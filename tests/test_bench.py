@@ -73,7 +73,7 @@ def test_flops_follow_the_kept_tokens(tiny_dir):
 
 
 def test_order_effect_compares_forward_and_reversed_rounds():
-    from duet_export.bench.run import order_effect
+    from duet_export.bench.timings import order_effect
 
     assert order_effect([1.0, 1.2, 1.0, 1.2], [0, 1, 0, 1]) == pytest.approx(0.2 / 1.1)
     assert order_effect([1.0, 1.0], [0, 0]) is None  # no reversed round: nothing to compare
@@ -87,7 +87,8 @@ def test_bench_needs_a_source():
 
 
 def test_shared_weights_are_an_extra_onnxruntime_backend_and_memory_kind(bundles, tmp_path):
-    from duet_export.bench.run import BenchSettings, _memory, onnx_variants
+    from duet_export.bench.processes import peak_memory
+    from duet_export.bench.settings import BenchSettings, onnx_variants
 
     settings = BenchSettings(share_weights=True)
     variants = onnx_variants(settings)
@@ -95,5 +96,5 @@ def test_shared_weights_are_an_extra_onnxruntime_backend_and_memory_kind(bundles
     assert sum(v.share_weights for v in variants) == 1
     image = tmp_path / "image.png"
     random_image(1).save(image)
-    peak = _memory("onnx-shared", bundles / "cpu", PROMPTS[0], image, None)
+    peak = peak_memory("onnx-shared", bundles / "cpu", PROMPTS[0], image, None)
     assert peak is not None and peak > 0

@@ -109,7 +109,8 @@ def bench_cmd(
 ) -> None:
     """Speed, memory and FLOPs of compressed bundles against the full model, side by side."""
     from duet_export.bench.report import format_report, plot_report
-    from duet_export.bench.run import BenchSettings, check_source, run_bench
+    from duet_export.bench.run import check_source, run_bench
+    from duet_export.bench.settings import BenchSettings
     from duet_export.outputs import BENCH, atomic_file, work_folder
 
     if (model_dir is None) == (shape is None):
