@@ -11,7 +11,7 @@ import dataclasses
 
 from torch import nn
 
-from duet_export.config import DuetConfig
+from duet_export.config import NEW_CONFIG_POSITIONS, DuetConfig
 from duet_export.errors import DuetError
 from duet_export.forward import DuetForward
 from duet_export.models import adapter_for
@@ -30,12 +30,14 @@ def compress(
 ) -> nn.Module:
     """Compress `model` in place with `config`, or with the config resolved from `budget`; returns `model`.
 
-    `positions` ("compact" | "keep") overrides the config's choice (None: the config's, else the family's)."""
+    `positions` ("compact" | "keep") overrides the config's choice (None: the config's, else the family's
+    reference behaviour; with `budget`, NEW_CONFIG_POSITIONS)."""
     if (config is None) == (budget is None):
         raise DuetError("give either a DuetConfig or a budget")
     adapter = adapter_for(model)
-    if config is None:
+    if config is None:  # a config made here: the new configs' default unless `positions` names one
         config = resolve_budget(budget, adapter.geometry(), rules=adapter.rules, query=query)
+        positions = positions or NEW_CONFIG_POSITIONS
     if positions is not None:
         config = dataclasses.replace(config, positions=positions).validate(adapter.geometry())
     decompress(model)

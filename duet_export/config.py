@@ -17,10 +17,16 @@ from dataclasses import asdict, dataclass, field
 
 from duet_export.errors import DuetError
 
-__all__ = ["POSITION_MODES", "QUERY_MODES", "DuetConfig", "Geometry", "keep_count"]
+__all__ = ["NEW_CONFIG_POSITIONS", "POSITION_MODES", "QUERY_MODES", "DuetConfig", "Geometry", "keep_count"]
 
 QUERY_MODES = ("salient", "all", "last")
 POSITION_MODES = ("compact", "keep")
+# What the configs the tool makes for a user take when the user names no `positions` (a --budget or the knobs
+# on the command line, `compress(model, budget=B)`, demo, bench): "keep" won every DUET row of both accuracy
+# tables (docs/positions.md, "The default"). A config that names none (`positions=None`: every config written
+# before the choice existed, or one built in code) keeps meaning the family's reference behaviour, "compact"
+# for LLaVA and Video-LLaVA.
+NEW_CONFIG_POSITIONS = "keep"
 
 
 def keep_count(ratio: float, visual_tokens: int) -> int:
@@ -78,7 +84,7 @@ class DuetConfig:
     drop_layers: tuple[int, ...] = field(default_factory=tuple)
     keep_ratios: tuple[float, ...] = field(default_factory=tuple)
     query: str = "salient"
-    positions: str | None = None  # "compact" | "keep" | None (the model family's default)
+    positions: str | None = None  # "compact" | "keep" | None (the family's reference behaviour)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "drop_layers", tuple(int(x) for x in self.drop_layers))

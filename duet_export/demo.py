@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from duet_export.compression import compress, decompress
-from duet_export.config import DuetConfig
+from duet_export.config import NEW_CONFIG_POSITIONS, DuetConfig
 from duet_export.generate import Answer, GenerationSettings, generate_answers
 from duet_export.loading import LoadedModel, load
 from duet_export.stages.budget import report, resolve_budget
@@ -72,7 +72,10 @@ def run_demo(workdir: Path, budget: float | None = None, echo=print, positions: 
     loaded = load(model_dir)
     geometry = loaded.adapter.geometry()
     budget = budget if budget is not None else round(geometry.num_patches / 3)
-    config = replace(resolve_budget(budget, geometry, rules=loaded.adapter.rules), positions=positions)
+    config = replace(
+        resolve_budget(budget, geometry, rules=loaded.adapter.rules),
+        positions=positions or NEW_CONFIG_POSITIONS,
+    )
     rep = report(config, geometry)
     image = demo_image()
     settings = GenerationSettings(max_new_tokens=12)

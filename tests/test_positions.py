@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from duet_export import DuetConfig, compress, prepare_inputs
+from duet_export.config import NEW_CONFIG_POSITIONS
 from duet_export.errors import DuetError
 from duet_export.forward import DuetTrace
 from duet_export.stages.budget import resolve_budget
@@ -192,8 +193,12 @@ def test_the_choice_is_a_config_field_and_an_api_argument(tiny):
         DuetConfig(positions="sideways").validate(geometry)
     compress(tiny.model, budget=21, positions="keep")
     assert tiny.model.forward.config.positions == "keep" and tiny.model.forward.keep
-    assert resolve_budget(21, geometry).positions is None  # the family's default: compact
-    compress(tiny.model, budget=21)
+    assert resolve_budget(21, geometry).positions is None  # names none: the family's reference, compact
+    compress(tiny.model, resolve_budget(21, geometry))
+    assert not tiny.model.forward.keep
+    compress(tiny.model, budget=21)  # a config made for the user: the new configs' default
+    assert tiny.model.forward.config.positions == NEW_CONFIG_POSITIONS == "keep" and tiny.model.forward.keep
+    compress(tiny.model, budget=21, positions="compact")
     assert not tiny.model.forward.keep
 
 

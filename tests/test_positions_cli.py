@@ -37,7 +37,13 @@ def test_compress_and_inspect_take_positions(tiny_dir, tmp_path):
     common = ["inspect", tiny_dir, "--image", tmp_path / "img.png", "--prompt", "What digit?", "--json"]
     kept = json.loads(run(*common, "--config", saved).stdout)
     assert kept["positions"] == "keep"
-    assert json.loads(run(*common, "--budget", 21).stdout)["positions"] == "compact"  # the default
+    assert json.loads(run(*common, "--budget", 21).stdout)["positions"] == "keep"  # new configs' default
+    assert json.loads(run(*common, "--budget", 21, "--positions", "compact").stdout)["positions"] == "compact"
+    older = tmp_path / "older.json"  # a config file written before the choice existed: the reference's
+    older.write_text(
+        json.dumps({k: v for k, v in json.loads(saved.read_text())["config"].items() if k != "positions"})
+    )
+    assert json.loads(run(*common, "--config", older).stdout)["positions"] == "compact"
 
 
 def test_training_forward_keeps_the_places(tiny, tmp_path):

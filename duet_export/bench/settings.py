@@ -50,7 +50,7 @@ class BenchSettings:
     sweep: bool = True
     sweep_prompts: tuple[int, ...] = (32, 256)
     sweep_sizes: tuple[int, ...] = (224, 336, 448)
-    positions: str | None = None  # the compressed bundles' `positions` (None: the family's default)
+    positions: str | None = None  # the compressed bundles' `positions` (None: NEW_CONFIG_POSITIONS)
     # Export, time and delete one configuration's bundle at a time (bundles of a large model on a small disk).
     discard_bundles: bool = False
     layers: int | None = None  # a named shape's decoder depth, if not its own

@@ -50,7 +50,7 @@ from duet_export.errors import DuetError
 @click.option(
     "--positions",
     type=click.Choice(POSITION_MODES),
-    help="Positions of the compressed bundles: compact (default) or keep (docs/positions.md).",
+    help="Positions of the compressed bundles: keep (default) or compact (docs/positions.md).",
 )
 @click.option(
     "--dtype",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from duet_export.config import POSITION_MODES, QUERY_MODES, DuetConfig
+from duet_export.config import NEW_CONFIG_POSITIONS, POSITION_MODES, QUERY_MODES, DuetConfig
 from duet_export.errors import DuetError
 from duet_export.models.base import Adapter
 from duet_export.stages.budget import resolve_budget
@@ -55,9 +55,9 @@ def budget_options(func: Callable) -> Callable:
         click.option(
             "--positions",
             type=click.Choice(POSITION_MODES),
-            help="Where kept visual tokens sit: compact (renumbered after each reduction, the reference's "
-            "LLaVA behaviour; the default) or keep (each at its place in the uncompressed prompt; "
-            "Qwen2.5-VL always keeps). See docs/positions.md.",
+            help="Where kept visual tokens sit: keep (each at its place in the uncompressed prompt; the "
+            "default for a --budget or the knobs; Qwen2.5-VL always keeps) or compact (renumbered after each "
+            "reduction, the reference's LLaVA behaviour; a --config without the field). See docs/positions.md.",
         ),
         click.option(
             "--config", "config_file", type=click.Path(dir_okay=False), help="A DuetConfig JSON file."
@@ -86,6 +86,8 @@ def config_from_options(
         drop_layers=drop_layers, keep_ratios=keep_ratios, query=query, config_file=config_file,
         default_budget=default_budget,
     )  # fmt: skip
+    if positions is None and config_file is None:
+        positions = NEW_CONFIG_POSITIONS  # a config made here; a file's own choice (or none) stands
     if positions is not None:
         if config.positions not in (None, positions):
             raise DuetError(

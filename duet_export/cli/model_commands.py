@@ -17,7 +17,9 @@ from duet_export.errors import DuetError
 @click.option(
     "--budget", type=float, help="Average visual tokens per layer (default: N/3, the paper's 192 of 576)."
 )
-@click.option("--positions", type=click.Choice(POSITION_MODES), help="compact (default) or keep.")
+@click.option(
+    "--positions", type=click.Choice(POSITION_MODES), help="keep (default) or compact (docs/positions.md)."
+)
 def demo(workdir: str, budget: float | None, positions: str | None) -> None:
     """Build a tiny LLaVA, compress it and answer a prompt, with and without DUET."""
     from duet_export.demo import run_demo
