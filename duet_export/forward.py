@@ -253,8 +253,8 @@ class DuetForward:
             seq.positions = self.adapter.positions(seq.ids, seq.pad, seq.visual, kept, per_image)
             if self.config.enabled and features is not None and features.shape[1] != self.cached_visual[0]:
                 raise DuetError(
-                    "positions=keep takes one image (or clip) per prompt: a decode step could not tell how "
-                    "many uncompressed image tokens came before it"
+                    "positions=keep takes one image (or clip) per prompt (a decode step could not tell how "
+                    "many uncompressed image tokens came before it): use positions=compact for several"
                 )
         seq.hidden = self.adapter.embed(seq.ids)
         return self.prefill(seq, features, cache, trace, static=False)
