@@ -265,7 +265,10 @@ def train(
     settings = settings or TrainSettings()
     if settings.steps < 1 or settings.batch_size < 1 or settings.grad_accum < 1:
         raise DuetError("--steps, --batch-size and --grad-accum must be at least 1")
-    with training_folder(output_dir, config, settings, inputs=[loaded.path]) as out:
+    reference = loaded.adapter.position_mode(None)
+    with training_folder(
+        output_dir, config, settings, inputs=[loaded.path], reference_positions=reference
+    ) as out:
         return _train_into(loaded, examples, out, config, settings, echo)
 
 

@@ -60,13 +60,23 @@ def check_training_output(
     return out, state
 
 
-def _differences(earlier: dict, now: dict) -> list[str]:
+def _differences(earlier: dict, now: dict, reference_positions: str | None) -> list[str]:
     out = []
-    if earlier.get("config") != now["config"]:
+    if _with_positions(earlier.get("config"), reference_positions) != _with_positions(
+        now["config"], reference_positions
+    ):
         out.append(f"compression {earlier.get('config')} vs {now['config']}")
     before = earlier.get("settings") or {}
     out += [f"{k} {before.get(k)} vs {v}" for k, v in now["settings"].items() if before.get(k) != v]
     return out
+
+
+def _with_positions(config: dict | None, reference: str | None) -> dict | None:
+    """A recorded config with `positions` filled in: one that names none (every run recorded before the
+    choice existed) means the family's reference, so `--positions compact` resumes such a LLaVA run."""
+    if config is None or reference is None:
+        return config
+    return {**config, "positions": config.get("positions") or reference}
 
 
 @contextlib.contextmanager
@@ -75,8 +85,10 @@ def training_folder(
     config: DuetConfig | None,
     settings: Any,
     inputs: Iterable[str | os.PathLike | None] = (),
+    reference_positions: str | None = None,
 ) -> Iterator[Path]:
-    """OUT, checked, locked and recorded for this run (see the module docstring)."""
+    """OUT, checked, locked and recorded for this run (see the module docstring). `reference_positions`:
+    what a recorded config without `positions` means for this family (the adapter's `position_mode(None)`)."""
     inputs = list(inputs)
     check_training_output(output, resume=settings.resume, force=settings.force, inputs=inputs)
     with work_folder(output, TRAINING, inputs=inputs) as (out, state):
@@ -85,7 +97,7 @@ def training_folder(
         record = _run_record(config, settings)
         earlier = TRAINING.read_record(out) or {}
         if state == "ours" and settings.resume:
-            changed = _differences(earlier, record)
+            changed = _differences(earlier, record, reference_positions)
             if changed:
                 raise DuetError(
                     f"--resume: the run in {output} was started with other options ({'; '.join(changed)}): "

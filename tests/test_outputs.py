@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -165,8 +166,17 @@ def test_train_refuses_a_resume_with_other_options_and_starts_over_with_force(ti
     resume = TrainSettings(steps=2, batch_size=2, save_steps=1, warmup_steps=0, progress=False, resume=True)
     with pytest.raises(DuetError, match=r"started with other options .*batch_size 1 vs 2"):
         train(tiny, examples, tmp_path / "run", bundle_config(tiny), resume, echo=quiet)
+    same = TrainSettings(**{**resume.__dict__, "batch_size": 1})
+    # the run's config names no positions (as runs recorded before the choice existed): the reference, compact
+    with pytest.raises(DuetError, match=r"started with other options .*'positions': 'keep'"):
+        train(
+            tiny, examples, tmp_path / "run", replace(bundle_config(tiny), positions="keep"), same, echo=quiet
+        )
+    train(
+        tiny, examples, tmp_path / "run", replace(bundle_config(tiny), positions="compact"), same, echo=quiet
+    )
     with pytest.raises(DuetError, match=r"started with other options .*compression"):
-        train(tiny, examples, tmp_path / "run", None, TrainSettings(**{**resume.__dict__, "batch_size": 1}))
+        train(tiny, examples, tmp_path / "run", None, same)
     (tmp_path / "run" / "mine.txt").write_text("mine")
     force = TrainSettings(steps=1, batch_size=1, warmup_steps=0, progress=False, force=True)
     with pytest.raises(DuetError, match=r"mine\.txt"):
