@@ -17,8 +17,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from duet_export.bench.artifacts import (
     bench_input,
     ensure_bundle,
@@ -31,8 +29,8 @@ from duet_export.bench.artifacts import (
 from duet_export.bench.processes import timed_in_subprocess
 from duet_export.bench.settings import BenchSettings
 from duet_export.bench.shapes import SHAPE_FRAMES, SHAPES
+from duet_export.bench.timings import summary
 from duet_export.export.bundle import ExportOptions
-from duet_export.stages.budget import resolve_budget
 
 MODES = ("compact", "keep")
 
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = []
     for b in budgets:
         for mode in MODES:
-            config = replace(resolve_budget(b, geometry, rules=loaded.adapter.rules), positions=mode)
+            config = replace(settings, positions=mode).config(b, loaded.adapter)
             bundle = ensure_bundle(loaded, config, out / "bundles" / f"budget-{b:g}-{mode}", options, print)
             cases.append(
                 {"name": f"budget {b:g} {mode}", "bundle": str(bundle), "image": str(image), "prompt": prompt}
@@ -86,16 +84,16 @@ def main(argv: list[str] | None = None) -> None:
     timed = timed_in_subprocess(spec, print)["cases"]
     rows = []
     for b in budgets:
-        values = {mode: timed[f"budget {b:g} {mode}"]["values"] for mode in MODES}
-        medians = {mode: {k: float(np.median(v)) for k, v in values[mode].items()} for mode in MODES}
+        stats = {
+            mode: {k: summary(v) for k, v in timed[f"budget {b:g} {mode}"]["values"].items()}
+            for mode in MODES
+        }
         rows.append({
             "budget": b,
-            "compact_ms": {k: 1e3 * v for k, v in medians["compact"].items()},
-            "keep_ms": {k: 1e3 * v for k, v in medians["keep"].items()},
-            "keep_over_compact": {k: medians["keep"][k] / medians["compact"][k] for k in medians["compact"]},
+            **{f"{mode}_ms": {k: 1e3 * s["median"] for k, s in stats[mode].items()} for mode in MODES},
+            "keep_over_compact": {k: stats["keep"][k]["median"] / s["median"] for k, s in stats["compact"].items()},
             # interquartile ranges, ms: how far apart the rounds lie
-            "iqr_ms": {mode: {k: [1e3 * float(np.percentile(v, q)) for q in (25, 75)]
-                              for k, v in values[mode].items()} for mode in MODES},
+            "iqr_ms": {mode: {k: [1e3 * s["p25"], 1e3 * s["p75"]] for k, s in stats[mode].items()} for mode in MODES},
         })  # fmt: skip
     result = {"shape": args.shape, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
               "command": " ".join(["benchmarks/positions_speed.py", *(argv if argv is not None else sys.argv[1:])])}  # fmt: skip

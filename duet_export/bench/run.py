@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 from duet_export.bench.artifacts import (
@@ -40,12 +40,11 @@ from duet_export.bench.settings import EAGER, ONNX, BenchSettings, Case, eager_l
 from duet_export.bench.shapes import REAL_WIDTH, SHAPE_FRAMES, SHAPES
 from duet_export.bench.sweep import export_sweep_bundles, time_sweep
 from duet_export.bench.timings import fill_timings, merge_pass
-from duet_export.config import NEW_CONFIG_POSITIONS
 from duet_export.errors import DuetError
 from duet_export.export.bundle import ExportOptions
 from duet_export.export.precision import Precision
 from duet_export.loading import LoadedModel
-from duet_export.stages.budget import report, resolve_budget
+from duet_export.stages.budget import report
 
 __all__ = ["check_source", "run_bench"]
 
@@ -146,10 +145,7 @@ def run_bench(
 
     cases = [Case("full", None, folders("full"))]
     for b in budgets:
-        config = replace(
-            resolve_budget(b, geometry, rules=adapter.rules),
-            positions=settings.positions or NEW_CONFIG_POSITIONS,
-        )
+        config = settings.config(b, adapter)
         adapter.position_mode(config)  # a choice the family cannot honour: one line, before any export
         cases.append(Case(f"budget {b:g}", config, folders(f"budget-{b:g}")))
     image_file = save_input(visual, out / ("bench-clip" if isinstance(visual, list) else "bench-image.png"))

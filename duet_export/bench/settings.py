@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from duet_export.config import DuetConfig
+from duet_export.config import NEW_CONFIG_POSITIONS, DuetConfig
+from duet_export.stages.budget import resolve_budget
 
 ONNX = "onnxruntime"
 EAGER = "eager"
@@ -54,6 +55,12 @@ class BenchSettings:
     # Export, time and delete one configuration's bundle at a time (bundles of a large model on a small disk).
     discard_bundles: bool = False
     layers: int | None = None  # a named shape's decoder depth, if not its own
+
+    def config(self, budget: float, adapter) -> DuetConfig:
+        """A compressed case's config: `budget` resolved for `adapter`, with the run's `positions` (the new
+        configs' default when it names none)."""
+        config = resolve_budget(budget, adapter.geometry(), rules=adapter.rules)
+        return replace(config, positions=self.positions or NEW_CONFIG_POSITIONS)
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +18,8 @@ from duet_export.bench.artifacts import (
 from duet_export.bench.processes import timed_in_subprocess
 from duet_export.bench.settings import ONNX, BenchSettings
 from duet_export.bench.shapes import SHAPES
-from duet_export.config import NEW_CONFIG_POSITIONS
 from duet_export.export.bundle import ExportOptions
 from duet_export.export.precision import Precision
-from duet_export.stages.budget import resolve_budget
 
 
 def export_sweep_bundles(
@@ -41,8 +38,7 @@ def export_sweep_bundles(
             ensure_model(source, out / "models", size, echo=echo, layers=settings.layers), settings
         )
         geometry = loaded.adapter.geometry()
-        config = resolve_budget(geometry.num_patches * fraction, geometry, rules=loaded.adapter.rules)
-        config = replace(config, positions=settings.positions or NEW_CONFIG_POSITIONS)
+        config = settings.config(geometry.num_patches * fraction, loaded.adapter)
         image, prompt = bench_image(size), prompt_of(prompt_tokens)
         image_file = save_input(image, out / f"bench-image-{size}px.png")
         options = ExportOptions(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def _summary(values: list[float]) -> dict[str, float]:
+def summary(values: list[float]) -> dict[str, float]:
+    """Median and interquartile range (p25, p75) of one figure's rounds."""
     a = np.asarray(values, dtype=np.float64)
     return {
         "median": float(np.median(a)),
@@ -48,7 +49,7 @@ def fill_timings(rows: list[dict], backends: dict[str, dict], primary: str) -> N
             case = backend["cases"].get(row["name"])
             if case is None:
                 continue
-            row["backends"][label] = {k: _summary(v) for k, v in case["values"].items()}
+            row["backends"][label] = {k: summary(v) for k, v in case["values"].items()}
             row["order_effect"][label] = {
                 k: order_effect(v, case["order"]) for k, v in case["values"].items()
             }
